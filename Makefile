@@ -1,0 +1,48 @@
+# medcap: `make demo` runs the main job, `make test` the tests. Both set everything up first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medcap-installed
+# Nothing at run time may reach a model hub: offline, hub lookups fail fast instead of hanging.
+export HF_HUB_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# This machine's pip.conf names local indexes that may be absent; hide only that noise.
+PIP_QUIET := 2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2)
+
+.PHONY: demo test test-quick lint install java clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
+	$(PY) -m pip install -q -e '.[dev]' $(PIP_QUIET)
+	@touch $@
+
+# pycocoevalcap (captioning metrics) runs Java.
+java:
+	@command -v java >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Java not found: installing default-jre-headless (needed by pycocoevalcap)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null; \
+	else \
+		echo "error: Java is required by pycocoevalcap; install a JRE (Debian/Ubuntu: apt-get install default-jre-headless)" >&2; \
+		exit 1; \
+	fi
+
+demo: install
+	$(PY) -m medcap.smoke --output_dir demo_output/smoke
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install java lint
+	$(PY) -m pytest
+
+# the inner loop: everything but the end-to-end tests marked slow
+test-quick: install
+	$(PY) -m pytest -m "not slow" -x -q
+
+clean:
+	rm -rf demo_output .pytest_cache .ruff_cache

@@ -1,0 +1,242 @@
+"""Weights in and out: the frozen LLM through torchtune's checkpointers, and the small vision
+checkpoint (ours and the original medcap layouts) that holds only what learned.
+
+Vision checkpoint layout (``meta_model_{epoch}.pt``, and the original release ``last.pt``)::
+
+    {"visual": <open_clip image-tower state dict>, "projector": <connector state dict>,
+     "medcap": {"encoder", "connector", "num_image_tokens", "llm_dim", "epoch", "step", "config"}}
+
+The original's earliest files were flat (``visual.*`` / ``projector.*`` keys); both load.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medcap.models.connectors import connector_spec
+
+MEDCAP_KEY = "medcap"
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """Keys or shapes of a checkpoint do not fit the model built for it."""
+
+
+@dataclass
+class VisionCheckpoint:
+    path: Path
+    visual: dict[str, torch.Tensor]
+    projector: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def resolve_connector(
+        self, connector: str | None, num_image_tokens: int | None, llm_dim: int
+    ) -> tuple[str, int]:
+        """Connector kind and N implied by the projector's shapes (the file decides)."""
+        saved = self.meta.get("connector", "cls_mlp")  # the original only had cls_mlp
+        if connector is not None and connector != saved:
+            raise CheckpointMismatchError(
+                f"{self.path}: holds a {saved} connector, but connector={connector}"
+            )
+        _, width, out = connector_spec(self.projector)
+        if width != llm_dim:
+            raise CheckpointMismatchError(
+                f"{self.path}: projector.0.weight is for an LLM of width {width}, "
+                f"but the configured model has width {llm_dim}"
+            )
+        if saved == "patch_mlp":
+            n = int(self.meta["num_image_tokens"])
+        else:
+            if out % width:
+                raise CheckpointMismatchError(
+                    f"{self.path}: projector.2.weight has {out} rows, not a multiple of width {width}"
+                )
+            n = out // width
+        if num_image_tokens is not None and num_image_tokens != n:
+            raise CheckpointMismatchError(
+                f"{self.path}: connector produces {n} image tokens, but num_image_tokens={num_image_tokens}"
+            )
+        return saved, n
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused by torch.load(weights_only=True): it holds objects other than tensors "
+            f"and plain containers ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+
+
+def read_vision_checkpoint(path: str | Path) -> VisionCheckpoint:
+    path = Path(path)
+    obj = safe_load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of state dicts, found {type(obj).__name__}")
+    if isinstance(obj.get("visual"), dict) and isinstance(obj.get("projector"), dict):
+        return VisionCheckpoint(path, obj["visual"], obj["projector"], dict(obj.get(MEDCAP_KEY) or {}))
+    visual = {k[len("visual.") :]: v for k, v in obj.items() if k.startswith("visual.")}
+    projector = {k[len("projector.") :]: v for k, v in obj.items() if k.startswith("projector.")}
+    if visual and projector:
+        return VisionCheckpoint(path, visual, projector, dict(obj.get(MEDCAP_KEY) or {}))
+    raise ValueError(
+        f"{path}: expected 'visual' and 'projector' state dicts (or flat 'visual.*'/'projector.*' "
+        f"keys); found keys {sorted(obj)[:8]}"
+    )
+
+
+def load_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load that names every missing, unexpected or mis-shaped key and casts dtypes."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        lines = [f"{what} does not fit the model:"]
+        lines += [f"  missing key: {k}" for k in missing[:10]]
+        lines += [f"  unexpected key: {k}" for k in unexpected[:10]]
+        lines += [f"  shape mismatch {m}" for m in misshaped[:10]]
+        more = len(missing) + len(unexpected) + len(misshaped) - (len(lines) - 1)
+        if more > 0:
+            lines.append(f"  ... and {more} more")
+        raise CheckpointMismatchError("\n".join(lines))
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def load_vision_state(model: nn.Module, ckpt: VisionCheckpoint) -> None:
+    load_checked(model.visual.tower, ckpt.visual, f"{ckpt.path} ['visual']")
+    load_checked(model.projector, ckpt.projector, f"{ckpt.path} ['projector']")
+
+
+def load_vision_checkpoint(model: nn.Module, path: str | Path) -> VisionCheckpoint:
+    """Load a vision checkpoint into an already built model (its N must match)."""
+    ckpt = read_vision_checkpoint(path)
+    ckpt.resolve_connector(None, model.num_image_tokens, model.llm_dim)
+    load_vision_state(model, ckpt)
+    return ckpt
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """Write to a temporary name beside ``path`` and rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def vision_checkpoint_payload(
+    model: nn.Module,
+    *,
+    epoch: int | None = None,
+    step: int | None = None,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Only the trainable side, on the CPU, in the original layout plus a ``medcap`` entry."""
+
+    def cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in state.items()}
+
+    return {
+        "visual": cpu(model.visual.tower.state_dict()),
+        "projector": cpu(model.projector.state_dict()),
+        MEDCAP_KEY: {
+            "format_version": FORMAT_VERSION,
+            "encoder": model.visual.name,
+            "connector": model.projector.kind,
+            "num_image_tokens": model.num_image_tokens,
+            "llm_dim": model.llm_dim,
+            "image_token_id": model.image_token_id,
+            "epoch": epoch,
+            "step": step,
+            "config": config or {},
+        },
+    }
+
+
+def save_vision_checkpoint(model: nn.Module, path: str | Path, **meta: Any) -> Path:
+    return atomic_save(vision_checkpoint_payload(model, **meta), path)
+
+
+def load_llm_weights(decoder: nn.Module, checkpointer: Any) -> None:
+    """Load the LLM through a torchtune checkpointer (Meta ``consolidated.00.pth`` or HF
+    safetensors), naming any key or shape that does not fit the configured decoder."""
+    from torchtune.training import MODEL_KEY
+
+    state = checkpointer.load_checkpoint()[MODEL_KEY]
+    where = getattr(checkpointer, "_checkpoint_dir", "the LLM checkpoint")
+    load_checked(decoder, state, f"LLM checkpoint in {where}")
+
+
+# A one-layer text tower so that ``open_clip.create_model('local-dir:...')`` can build the
+# exported folder offline. It is a placeholder: only ``encode_image`` is meaningful.
+PLACEHOLDER_TEXT_CFG = {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1}
+
+
+def export_open_clip_dir(encoder: nn.Module, output_dir: str | Path) -> Path:
+    """Write ``encoder`` as an open_clip ``local-dir`` folder (config + safetensors weights)."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg = {k: v for k, v in encoder.model_cfg.items() if k != "text_cfg"}
+    model_cfg["text_cfg"] = dict(PLACEHOLDER_TEXT_CFG)
+    clip = open_clip.CLIP(**model_cfg)
+    load_checked(clip.visual, encoder.tower.state_dict(), "exported image tower")
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": encoder.preprocess.to_open_clip(),
+        "medcap": {"encoder": encoder.name, "note": "text tower is a random placeholder; use encode_image"},
+    }
+    state = {k: v.detach().contiguous().clone() for k, v in clip.state_dict().items()}
+    tmp = output_dir / ".open_clip_model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, output_dir / "open_clip_model.safetensors")
+    (output_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    return output_dir
+
+
+def write_meta_llm_checkpoint(
+    tune_state: dict[str, torch.Tensor], params: dict[str, Any], folder: str | Path
+) -> Path:
+    """A torchtune-format LLM state dict written in Meta's layout (``consolidated.00.pth`` +
+    ``params.json``), which ``FullModelMetaCheckpointer`` reads back (tests, demos, conversions)."""
+    import json
+
+    from torchtune.models.convert_weights import tune_to_meta
+
+    folder = Path(folder)
+    atomic_save(tune_to_meta(dict(tune_state)), folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    return folder

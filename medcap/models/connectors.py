@@ -1,0 +1,78 @@
+"""Connectors: encoder features -> a fixed number of LLM-width image tokens.
+
+Both are ``nn.Sequential(Linear, GELU, Linear)`` so their state dicts carry the original medcap
+``projector`` key names (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medcap.models.vision import VisionFeatures
+
+CONNECTORS = ("cls_mlp", "patch_mlp")
+DEFAULT_NUM_IMAGE_TOKENS = 32
+
+
+class ClsMLP(nn.Sequential):
+    """The original medcap connector: one pooled vector -> N tokens (chunk k is token k)."""
+
+    kind = "cls_mlp"
+
+    def __init__(self, in_dim: int, llm_dim: int, num_tokens: int = DEFAULT_NUM_IMAGE_TOKENS):
+        if num_tokens < 1:
+            raise ValueError(f"num_image_tokens must be >= 1, got {num_tokens}")
+        super().__init__(nn.Linear(in_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim * num_tokens))
+        self.num_tokens = num_tokens
+        self.llm_dim = llm_dim
+
+    def forward(self, features: VisionFeatures) -> torch.Tensor:
+        out = super().forward(features.pooled)
+        return out.view(out.shape[0], self.num_tokens, self.llm_dim)
+
+
+class PatchMLP(nn.Sequential):
+    """LLaVA-1.5's mlp2x_gelu: each patch token becomes one image token."""
+
+    kind = "patch_mlp"
+
+    def __init__(self, in_dim: int, llm_dim: int, num_patches: int):
+        super().__init__(nn.Linear(in_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+        self.num_tokens = num_patches
+        self.llm_dim = llm_dim
+
+    def forward(self, features: VisionFeatures) -> torch.Tensor:
+        return super().forward(features.patches)
+
+
+def build_connector(
+    name: str,
+    *,
+    pooled_dim: int,
+    patch_dim: int,
+    num_patches: int,
+    llm_dim: int,
+    num_image_tokens: int | None = None,
+) -> ClsMLP | PatchMLP:
+    if name == "cls_mlp":
+        return ClsMLP(pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
+    if name == "patch_mlp":
+        if num_image_tokens not in (None, num_patches):
+            raise ValueError(
+                f"connector=patch_mlp gives one token per patch ({num_patches}); "
+                f"num_image_tokens={num_image_tokens} cannot be honoured"
+            )
+        return PatchMLP(patch_dim, llm_dim, num_patches)
+    raise ValueError(f"unknown connector {name!r}; choose one of {CONNECTORS}")
+
+
+def connector_spec(projector_state: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(in_dim, llm_dim, out_features) read from a projector state dict's shapes."""
+    try:
+        w0, w2 = projector_state["0.weight"], projector_state["2.weight"]
+    except KeyError as e:
+        raise ValueError(
+            f"projector state dict lacks {e.args[0]!r} (has {sorted(projector_state)})"
+        ) from None
+    return int(w0.shape[1]), int(w0.shape[0]), int(w2.shape[0])

@@ -1,0 +1,189 @@
+"""Encoder + connector + a frozen torchtune decoder, joined at the input embeddings.
+
+A thin equivalent of torchtune's ``EarlyFusionModel`` that (a) checks every row's placeholder
+count against the image-token count (torchtune silently misaligns when there are too few),
+(b) keeps the trainable parts under the names of the original checkpoints (``visual``,
+``projector``) and (c) calls the encoder with a plain tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchtune.modules import TransformerDecoder
+
+from medcap.models.connectors import build_connector
+from medcap.models.vision import VisionEncoder, build_vision_encoder
+
+
+class PlaceholderMismatchError(ValueError):
+    """A batch row whose image placeholders do not match the image-token count."""
+
+
+def decoder_width(decoder: TransformerDecoder) -> int:
+    if not isinstance(decoder.tok_embeddings, nn.Embedding):
+        raise ValueError("this decoder already belongs to a MedcapModel (its token embedding has moved)")
+    return decoder.tok_embeddings.embedding_dim
+
+
+class MedcapModel(nn.Module):
+    """Image tokens written into the placeholder positions of a frozen decoder's input.
+
+    The placeholder id is never looked up in the embedding table, so it may lie outside the
+    vocabulary: no text can produce it.
+    """
+
+    def __init__(
+        self,
+        decoder: TransformerDecoder,
+        visual: VisionEncoder,
+        projector: nn.Module,
+        image_token_id: int,
+    ):
+        super().__init__()
+        llm_dim = decoder_width(decoder)
+        if projector.llm_dim != llm_dim:
+            raise ValueError(f"connector width {projector.llm_dim} != decoder width {llm_dim}")
+        # The decoder gets embeddings, not ids: its embedding moves here (TiedLinear output
+        # heads keep a reference to the same module, so tying survives).
+        self.tok_embeddings = decoder.tok_embeddings
+        decoder.tok_embeddings = nn.Identity()
+        self.decoder = decoder
+        self.visual = visual
+        self.projector = projector
+        self.image_token_id = int(image_token_id)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Decided once, by the connector; every other part asks here."""
+        return self.projector.num_tokens
+
+    @property
+    def llm_dim(self) -> int:
+        return self.tok_embeddings.embedding_dim
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[M, 3, H, W] pixels -> [M, N, D] image tokens."""
+        return self.projector(self.visual(images))
+
+    def check_placeholders(self, tokens: torch.Tensor, num_images: int) -> torch.Tensor:
+        """Each row holds 0 or exactly N placeholders; rows with N take the images in order."""
+        is_image = tokens == self.image_token_id
+        counts = is_image.sum(dim=1).tolist()
+        n = self.num_image_tokens
+        for row, found in enumerate(counts):
+            if found not in (0, n):
+                raise PlaceholderMismatchError(
+                    f"batch row {row}: expected {n} image placeholder tokens (id {self.image_token_id}), "
+                    f"found {found}; was the prompt truncated or built for another connector?"
+                )
+        rows = sum(1 for c in counts if c)
+        if rows != num_images:
+            raise PlaceholderMismatchError(
+                f"{num_images} images given but {rows} batch rows hold image placeholders "
+                f"(rows {[r for r, c in enumerate(counts) if c]})"
+            )
+        return is_image
+
+    def embed(self, tokens: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        num_images = 0 if images is None else images.shape[0]
+        is_image = self.check_placeholders(tokens, num_images)
+        h = self.tok_embeddings(tokens.masked_fill(is_image, 0))
+        if num_images:
+            image_tokens = self.encode_images(images).to(h.dtype)
+            h = h.masked_scatter(is_image.unsqueeze(-1), image_tokens)
+        return h
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        images: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, S, V] for ``tokens`` [B, S] with ``images`` [M, 3, H, W] in row order."""
+        return self.decoder(self.embed(tokens, images), mask=mask, input_pos=input_pos)
+
+    # KV-cache plumbing used by generation; the decoder owns the caches.
+    def setup_caches(
+        self, batch_size: int, dtype: torch.dtype, decoder_max_seq_len: int | None = None
+    ) -> None:
+        self.decoder.setup_caches(batch_size, dtype, decoder_max_seq_len=decoder_max_seq_len)
+
+    def reset_caches(self) -> None:
+        self.decoder.reset_caches()
+
+    def caches_are_enabled(self) -> bool:
+        return self.decoder.caches_are_enabled()
+
+
+def set_trainable(model: MedcapModel, freeze_vision_encoder: bool = False) -> None:
+    """The LLM never learns; the connector always does; the encoder unless frozen (LLaVA stage 1)."""
+    model.decoder.requires_grad_(False)
+    model.tok_embeddings.requires_grad_(False)
+    model.visual.requires_grad_(not freeze_vision_encoder)
+    model.projector.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts; tied weights are counted once."""
+    seen: set[int] = set()
+    trainable = frozen = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return trainable, frozen
+
+
+def build_medcap_model(
+    decoder: TransformerDecoder,
+    *,
+    image_token_id: int,
+    vision: str = "biomedclip",
+    vision_path: str | Path | None = None,
+    connector: str | None = None,
+    num_image_tokens: int | None = None,
+    vision_checkpoint: str | Path | None = None,
+    freeze_vision_encoder: bool = False,
+) -> MedcapModel:
+    """Join ``decoder`` (LLM weights already loaded) with a vision encoder and connector.
+
+    With ``vision_checkpoint`` the connector kind and N are read from the file (the
+    original release has N = 32, a later one 50) and its weights are loaded; otherwise
+    ``connector`` defaults to ``cls_mlp``.
+    """
+    from medcap.models import checkpoints  # local: checkpoints reads MedcapModel instances
+
+    llm_dim = decoder_width(decoder)
+    ckpt = None
+    if vision_checkpoint is not None:
+        ckpt = checkpoints.read_vision_checkpoint(vision_checkpoint)
+        connector, num_image_tokens = ckpt.resolve_connector(connector, num_image_tokens, llm_dim)
+        saved_encoder = ckpt.meta.get("encoder")
+        if saved_encoder and saved_encoder != vision:
+            raise ValueError(
+                f"{vision_checkpoint}: trained with vision={saved_encoder}, but vision={vision} was asked for"
+            )
+    connector = connector or "cls_mlp"
+    visual = build_vision_encoder(vision, vision_path)
+    projector = build_connector(
+        connector,
+        pooled_dim=visual.pooled_dim,
+        patch_dim=visual.patch_dim,
+        num_patches=visual.num_patches,
+        llm_dim=llm_dim,
+        num_image_tokens=num_image_tokens,
+    )
+    model = MedcapModel(decoder, visual, projector, image_token_id)
+    if ckpt is not None:
+        checkpoints.load_vision_state(model, ckpt)
+    set_trainable(model, freeze_vision_encoder)
+    return model

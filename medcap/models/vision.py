@@ -1,0 +1,200 @@
+"""Image encoders by name, each carrying its own preprocessing.
+
+Architectures are data (open_clip ``model_cfg`` JSON), built through open_clip's own vision-tower
+builder so that a medcap encoder and an open_clip model built from the same files are the same
+network. Only the image tower is ever built: BiomedCLIP's text tower needs a BERT from the hub.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import open_clip
+import torch
+from open_clip.factory import load_state_dict as _open_clip_load_state_dict
+from open_clip.model import _build_vision_tower
+from open_clip.timm_model import TimmModel
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+ARCH_DIR = Path(__file__).parent / "arch"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# open_clip's own preference order for the weights file of a local-dir folder.
+WEIGHT_FILES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+)
+
+
+def list_encoders() -> list[str]:
+    """Names shipped with medcap; any open_clip model name works too."""
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How pixels must look before the encoder sees them (open_clip's eval transform)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    @classmethod
+    def from_open_clip(cls, cfg: dict[str, Any]) -> Preprocess:
+        base = asdict(PreprocessCfg())
+        base.update({k: v for k, v in cfg.items() if k in base and v is not None})
+        size = base["size"]
+        if isinstance(size, (list, tuple)):
+            if len(set(size)) != 1:
+                raise ValueError(f"only square encoder inputs are supported, got size={size}")
+            size = size[0]
+        return cls(
+            size=int(size),
+            mean=tuple(base["mean"]),
+            std=tuple(base["std"]),
+            interpolation=base["interpolation"],
+            resize_mode=base["resize_mode"],
+        )
+
+    def transform(self) -> Callable:
+        """PIL image -> normalised [3, size, size] tensor (resize shortest side, centre crop)."""
+        cfg = PreprocessCfg(
+            size=self.size,
+            mean=self.mean,
+            std=self.std,
+            interpolation=self.interpolation,
+            resize_mode=self.resize_mode,
+        )
+        return image_transform_v2(cfg, is_train=False)
+
+    def to_open_clip(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+        }
+
+
+class VisionFeatures(NamedTuple):
+    pooled: torch.Tensor  # [B, pooled_dim]: the tower's image embedding (not L2-normalised)
+    patches: torch.Tensor  # [B, num_patches, patch_dim]: final-layer patch tokens
+
+
+class VisionEncoder(nn.Module):
+    """An open_clip image tower plus the facts the data pipeline and connectors ask for.
+
+    ``self.tower`` is exactly open_clip's module, so its state dict has open_clip's key names
+    (``trunk.*``/``head.proj.weight`` for timm towers), which is the original medcap layout.
+    """
+
+    def __init__(self, name: str, tower: nn.Module, model_cfg: dict[str, Any], preprocess: Preprocess):
+        super().__init__()
+        if not isinstance(tower, (TimmModel, VisionTransformer)):
+            raise TypeError(f"encoder {name!r}: unsupported open_clip tower {type(tower).__name__}")
+        self.name = name
+        self.tower = tower
+        self.model_cfg = model_cfg
+        self.preprocess = preprocess
+        self.pooled_dim = int(model_cfg["embed_dim"])
+        if isinstance(tower, TimmModel):
+            self.patch_dim = int(tower.trunk.num_features)
+            self.num_patches = int(tower.trunk.patch_embed.num_patches)
+        else:
+            tower.output_tokens = True
+            self.patch_dim = int(tower.conv1.out_channels)
+            gh, gw = tower.grid_size
+            self.num_patches = int(gh * gw)
+
+    def forward(self, images: torch.Tensor) -> VisionFeatures:
+        if isinstance(self.tower, TimmModel):
+            trunk = self.tower.trunk
+            tokens = trunk.forward_features(images)
+            pooled = self.tower.head(trunk.forward_head(tokens))
+            return VisionFeatures(pooled, tokens[:, trunk.num_prefix_tokens :])
+        pooled, patches = self.tower(images)
+        return VisionFeatures(pooled, patches)
+
+
+def _read_open_clip_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: vision_path must be an open_clip folder (open_clip_config.json and "
+            "weights), e.g. a local copy of BiomedCLIP's repository"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if "model_cfg" not in cfg or "vision_cfg" not in cfg["model_cfg"]:
+        raise ValueError(f"{path}: expected an open_clip config with model_cfg.vision_cfg")
+    return cfg
+
+
+def _resolve_config(name: str, vision_path: str | Path | None) -> dict[str, Any]:
+    if vision_path is not None:
+        return _read_open_clip_config(Path(vision_path) / OPEN_CLIP_CONFIG)
+    shipped = ARCH_DIR / f"{name}.json"
+    if shipped.exists():
+        return _read_open_clip_config(shipped)
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        raise ValueError(
+            f"unknown vision encoder {name!r}: medcap ships {list_encoders()}, "
+            "and any open_clip model name (open_clip.list_models()) works"
+        )
+    return {"model_cfg": model_cfg, "preprocess_cfg": model_cfg.get("preprocess_cfg", {})}
+
+
+def find_weights_file(folder: str | Path) -> Path:
+    folder = Path(folder)
+    for fname in WEIGHT_FILES:
+        if (folder / fname).exists():
+            return folder / fname
+    raise FileNotFoundError(f"{folder}: no encoder weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _visual_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    """The image-tower part of an open_clip checkpoint, prefix removed."""
+    state = _open_clip_load_state_dict(str(weights), weights_only=True)
+    visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+    if not visual:
+        raise ValueError(f"{weights}: no 'visual.*' tensors: not an open_clip CLIP checkpoint")
+    return visual
+
+
+def build_vision_encoder(name: str = "biomedclip", vision_path: str | Path | None = None) -> VisionEncoder:
+    """Build encoder ``name`` (random init), or from a local open_clip folder with weights.
+
+    ``vision_path`` is a folder like a download of BiomedCLIP's hub repository: its
+    ``open_clip_config.json`` decides the architecture, its weights file the values.
+    """
+    cfg = _resolve_config(name, vision_path)
+    model_cfg = cfg["model_cfg"]
+    tower = _build_vision_tower(
+        model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu=model_cfg.get("quick_gelu", False)
+    )
+    vision_cfg = model_cfg["vision_cfg"]
+    preprocess_cfg = {"size": vision_cfg.get("image_size", 224), **cfg.get("preprocess_cfg", {})}
+    encoder = VisionEncoder(name, tower, model_cfg, Preprocess.from_open_clip(preprocess_cfg))
+    if vision_path is not None:
+        weights = find_weights_file(vision_path)
+        missing, unexpected = tower.load_state_dict(_visual_state_dict(weights), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights}: image tower does not match {Path(vision_path) / OPEN_CLIP_CONFIG}; "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    return encoder

@@ -1,0 +1,184 @@
+"""Shared fixtures: tiny models written to disk in the real formats, random weights.
+
+Nothing here downloads: the LLM checkpoints are written by transformers / torch in the layouts
+Meta and Hugging Face publish (``consolidated.00.pth`` + ``params.json``; ``model.safetensors``
++ ``config.json``), and the reference model is transformers' ``LlamaForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class TinyLlama:
+    """Dimensions shared by the reference (transformers) and the torchtune decoder."""
+
+    vocab_size: int = 512
+    dim: int = 64
+    ffn: int = 160
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    max_seq_len: int = 256
+    rope_base: float = 500000.0
+    norm_eps: float = 1e-5
+    tied: bool = False
+
+    def hf_config(self):
+        from transformers import LlamaConfig
+
+        rope = {"rope_type": "default", "rope_theta": self.rope_base}
+        if self.tied:  # Llama 3.2 shape: tied embeddings and llama3-scaled RoPE
+            rope = {
+                "rope_type": "llama3",
+                "rope_theta": self.rope_base,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.dim,
+            intermediate_size=self.ffn,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=self.max_seq_len,
+            rms_norm_eps=self.norm_eps,
+            rope_parameters=rope,
+            tie_word_embeddings=self.tied,
+            attention_bias=False,
+            mlp_bias=False,
+        )
+
+    def torchtune_decoder(self):
+        if self.tied:
+            from torchtune.models.llama3_2._component_builders import llama3_2 as builder
+        else:
+            from torchtune.models.llama3 import llama3 as builder
+        return builder(
+            vocab_size=self.vocab_size,
+            num_layers=self.layers,
+            num_heads=self.heads,
+            num_kv_heads=self.kv_heads,
+            embed_dim=self.dim,
+            max_seq_len=self.max_seq_len,
+            intermediate_dim=self.ffn,
+            norm_eps=self.norm_eps,
+            rope_base=self.rope_base,
+        )
+
+    def overrides(self) -> list[str]:
+        """The same decoder as config overrides on ``torchtune.models.llama3.llama3``."""
+        return [
+            "model._component_=torchtune.models.llama3.llama3",
+            f"model.vocab_size={self.vocab_size}",
+            f"model.num_layers={self.layers}",
+            f"model.num_heads={self.heads}",
+            f"model.num_kv_heads={self.kv_heads}",
+            f"model.embed_dim={self.dim}",
+            f"model.max_seq_len={self.max_seq_len}",
+            f"model.intermediate_dim={self.ffn}",
+            f"model.norm_eps={self.norm_eps}",
+            f"model.rope_base={self.rope_base}",
+        ]
+
+
+def make_hf_llama(spec: TinyLlama, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(spec.hf_config()).eval()
+    # Random init leaves RMSNorm weights at 1: perturb them so a dropped norm would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def write_hf_checkpoint(model, folder: Path) -> Path:
+    """``save_pretrained``: the Hugging Face layout (safetensors + config.json)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_meta_checkpoint(model, spec: TinyLlama, folder: Path) -> Path:
+    """Meta's layout: ``consolidated.00.pth`` (Meta key names, unpermuted q/k) + ``params.json``."""
+    from torchtune.models.convert_weights import hf_to_tune
+
+    from medcap.models.checkpoints import write_meta_llm_checkpoint
+
+    hf_state = {k: v.clone() for k, v in model.state_dict().items()}
+    tune = hf_to_tune(hf_state, num_heads=spec.heads, num_kv_heads=spec.kv_heads, dim=spec.dim)
+    params = {
+        "dim": spec.dim,
+        "n_layers": spec.layers,
+        "n_heads": spec.heads,
+        "n_kv_heads": spec.kv_heads,
+        "vocab_size": spec.vocab_size,
+        "norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_base,
+    }
+    return write_meta_llm_checkpoint(tune, params, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> TinyLlama:
+    return TinyLlama()
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tiny_spec):
+    return make_hf_llama(tiny_spec)
+
+
+@pytest.fixture(scope="session")
+def llm_dirs(tiny_spec, hf_llama, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llm")
+    return {
+        "hf": write_hf_checkpoint(hf_llama, root / "hf"),
+        "meta": write_meta_checkpoint(hf_llama, tiny_spec, root / "meta"),
+    }
+
+
+def load_tiny_decoder(spec: TinyLlama, folder: Path, fmt: str, output_dir: Path):
+    """The decoder through torchtune's own checkpointers, as a recipe loads it."""
+    from torchtune.training import FullModelHFCheckpointer, FullModelMetaCheckpointer
+
+    from medcap.models.checkpoints import load_llm_weights
+
+    if fmt == "meta":
+        ckpt = FullModelMetaCheckpointer(
+            checkpoint_dir=str(folder),
+            checkpoint_files=["consolidated.00.pth"],
+            model_type="LLAMA3",
+            output_dir=str(output_dir),
+        )
+    else:
+        ckpt = FullModelHFCheckpointer(
+            checkpoint_dir=str(folder),
+            checkpoint_files=["model.safetensors"],
+            model_type="LLAMA3_2" if spec.tied else "LLAMA3",
+            output_dir=str(output_dir),
+        )
+    decoder = spec.torchtune_decoder()
+    load_llm_weights(decoder, ckpt)
+    return decoder.eval()
+
+
+@pytest.fixture
+def tiny_decoder(tiny_spec, llm_dirs, tmp_path):
+    return load_tiny_decoder(tiny_spec, llm_dirs["meta"], "meta", tmp_path / "out")

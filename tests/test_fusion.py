@@ -1,0 +1,135 @@
+"""The fused model: where image tokens go, what learns, and what must never change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medcap.models.fusion import PlaceholderMismatchError, build_medcap_model, count_parameters
+
+IMAGE_ID = 1000  # beyond the tiny vocabulary (512)
+N = 4
+
+
+def _batch(vocab: int = 512):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (3, 24), generator=g)
+    tokens[0, 1 : 1 + N] = IMAGE_ID
+    tokens[2, 3 : 3 + N] = IMAGE_ID  # row 1 is text-only
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    return tokens, images
+
+
+@pytest.fixture
+def model(tiny_decoder):
+    torch.manual_seed(0)
+    return build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", num_image_tokens=N)
+
+
+def test_gradients_reach_only_encoder_and_connector_and_llm_is_bitwise_unchanged(model):
+    llm_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    emb_before = model.tok_embeddings.weight.clone()
+    vis_before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    proj_before = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+
+    tokens, images = _batch()
+    logits = model(tokens, images=images)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 512), tokens[:, 1:].reshape(-1).clamp(max=511)
+    )
+    loss.backward()
+    with_grad = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"visual", "projector"}
+    assert all(p.grad.abs().sum() > 0 for p in model.projector.parameters())
+    opt.step()
+
+    for k, v in model.decoder.state_dict().items():
+        assert torch.equal(v, llm_before[k]), k
+    assert torch.equal(model.tok_embeddings.weight, emb_before)
+    assert all(
+        not torch.equal(v, vis_before[k])
+        for k, v in model.visual.state_dict().items()
+        if v.dtype.is_floating_point and "weight" in k
+    )
+    assert all(not torch.equal(v, proj_before[k]) for k, v in model.projector.state_dict().items())
+
+
+def test_freeze_vision_encoder_trains_connector_only(tiny_decoder):
+    model = build_medcap_model(
+        tiny_decoder,
+        image_token_id=IMAGE_ID,
+        vision="vit_tiny",
+        num_image_tokens=N,
+        freeze_vision_encoder=True,
+    )
+    tokens, images = _batch()
+    model(tokens, images=images).sum().backward()
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None} == {"projector"}
+    trainable, frozen = count_parameters(model)
+    assert trainable == sum(p.numel() for p in model.projector.parameters())
+    assert frozen > trainable
+
+
+def test_text_only_rows_are_untouched_by_images(model):
+    tokens, images = _batch()
+    with torch.no_grad():
+        mixed = model(tokens, images=images)
+        alone = model.decoder(model.tok_embeddings(tokens[1:2]))
+    assert torch.allclose(mixed[1:2], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("found", [N - 1, N + 1])
+def test_wrong_placeholder_count_names_the_row(model, found):
+    tokens, images = _batch()
+    tokens[2] = 5
+    tokens[2, 3 : 3 + found] = IMAGE_ID
+    with pytest.raises(PlaceholderMismatchError, match=f"batch row 2: expected {N} .* found {found}"):
+        model(tokens, images=images)
+
+
+def test_image_count_must_match_rows_with_placeholders(model):
+    tokens, images = _batch()
+    with pytest.raises(PlaceholderMismatchError, match=r"1 images given but 2 batch rows .*\[0, 2\]"):
+        model(tokens, images=images[:1])
+    with pytest.raises(PlaceholderMismatchError, match="0 images given"):
+        model(tokens)
+
+
+def test_image_tokens_land_in_order_at_the_placeholders(model):
+    tokens, images = _batch()
+    with torch.no_grad():
+        h = model.embed(tokens, images)
+        expected = model.encode_images(images)
+    assert torch.equal(h[0, 1 : 1 + N], expected[0])
+    assert torch.equal(h[2, 3 : 3 + N], expected[1])
+    assert torch.equal(h[1], model.tok_embeddings(tokens[1]))
+
+
+def test_patch_connector_gives_one_token_per_patch(tiny_decoder):
+    with pytest.raises(ValueError, match="one token per patch"):
+        build_medcap_model(
+            tiny_decoder,
+            image_token_id=IMAGE_ID,
+            vision="vit_tiny",
+            connector="patch_mlp",
+            num_image_tokens=8,
+        )
+    model = build_medcap_model(
+        tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector="patch_mlp"
+    )
+    assert model.num_image_tokens == model.visual.num_patches == 16
+    tokens = torch.full((1, 20), 7)
+    tokens[0, 2:18] = IMAGE_ID
+    assert model(tokens, images=torch.randn(1, 3, 64, 64)).shape == (1, 20, 512)
+    with pytest.raises(ValueError, match="already belongs to a MedcapModel"):
+        build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny")
+
+
+def test_connector_width_must_match_decoder(tiny_decoder):
+    from medcap.models.connectors import ClsMLP
+    from medcap.models.fusion import MedcapModel
+    from medcap.models.vision import build_vision_encoder
+
+    with pytest.raises(ValueError, match="connector width 32 != decoder width 64"):
+        MedcapModel(tiny_decoder, build_vision_encoder("vit_tiny"), ClsMLP(64, 32, 2), IMAGE_ID)

@@ -1,0 +1,73 @@
+"""Image files -> RGB: real DICOMs shipped with pydicom, drawn PNG/JPEG, and broken files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from medcap.data import images
+from medcap.data.images import ImageLoadError, load_image
+
+
+def test_real_ct_is_windowed_to_rgb():
+    img = load_image(get_testdata_file("CT_small.dcm"))
+    arr = np.asarray(img)
+    assert img.mode == "RGB" and img.size == (128, 128)
+    assert arr.min() == 0 and arr.max() == 255  # full range used
+    assert np.array_equal(arr[..., 0], arr[..., 1])
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    normal = np.asarray(load_image(get_testdata_file("CT_small.dcm")))[..., 0].astype(int)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "inv.dcm")
+    inverted = np.asarray(load_image(tmp_path / "inv.dcm"))[..., 0].astype(int)
+    assert np.array_equal(inverted, 255 - normal)
+
+
+def test_window_from_tags_is_used(tmp_path):
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    ds.WindowCenter, ds.WindowWidth = float(np.median(hu)), 2.0  # a very narrow window
+    ds.save_as(tmp_path / "win.dcm")
+    arr = np.asarray(load_image(tmp_path / "win.dcm"))[..., 0]
+    assert ((arr == 0) | (arr == 255)).mean() > 0.95  # nearly binary
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
+def test_png_modes(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 4000, (40, 30), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).convert(mode)
+    img.save(tmp_path / "x.png")
+    out = load_image(tmp_path / "x.png")
+    assert out.mode == "RGB" and out.size == (30, 40)
+
+
+def test_broken_files_are_named_with_record(tmp_path):
+    with pytest.raises(ImageLoadError, match=r"missing.jpg \(record 3\): image file not found"):
+        load_image(tmp_path / "missing.jpg", record=3)
+    Image.new("RGB", (50, 50)).save(tmp_path / "ok.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "ok.jpg").read_bytes()[:60])
+    with pytest.raises(ImageLoadError, match=r"cut.jpg \(record 7\): cannot read image"):
+        load_image(tmp_path / "cut.jpg", record=7)
+    raw = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    (tmp_path / "cut.dcm").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ImageLoadError, match="cut.dcm: cannot decode DICOM pixels"):
+        load_image(tmp_path / "cut.dcm")
+
+
+def test_pixel_limit(tmp_path, monkeypatch):
+    Image.new("L", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 5000)
+    with pytest.raises(ImageLoadError, match="big.png: 100x100 exceeds 5000 pixels"):
+        load_image(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageLoadError, match="exceeds the limit"):
+        load_image(get_testdata_file("CT_small.dcm"))

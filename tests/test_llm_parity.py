@@ -1,0 +1,66 @@
+"""The frozen LLM, loaded through torchtune's checkpointers, equals transformers' Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyLlama, load_tiny_decoder, make_hf_llama, write_hf_checkpoint
+
+from medcap.models.fusion import build_medcap_model
+
+TOL = 1e-4
+
+
+def _tokens(spec: TinyLlama, batch: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(0, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_decoder_logits_match_transformers(fmt, tiny_spec, hf_llama, llm_dirs, tmp_path):
+    decoder = load_tiny_decoder(tiny_spec, llm_dirs[fmt], fmt, tmp_path / "out")
+    tokens = _tokens(tiny_spec)
+    with torch.no_grad():
+        ours = decoder(tokens)
+        ref = hf_llama(tokens).logits
+    diff = (ours - ref).abs().max().item()
+    print(f"{fmt} checkpoint: max |logit diff| vs transformers = {diff:.2e}")
+    assert diff < TOL
+
+
+def test_tied_embeddings_llama32_shape(tmp_path):
+    """A tied model (Llama 3.2 / SmolLM2 style) has no lm_head in its safetensors."""
+    spec = TinyLlama(tied=True)
+    hf = make_hf_llama(spec, seed=3)
+    folder = write_hf_checkpoint(hf, tmp_path / "hf")
+    decoder = load_tiny_decoder(spec, folder, "hf", tmp_path / "out")
+    tokens = _tokens(spec)
+    with torch.no_grad():
+        diff = (decoder(tokens) - hf(tokens).logits).abs().max().item()
+    print(f"tied hf checkpoint: max |logit diff| = {diff:.2e}")
+    assert diff < TOL
+
+
+def test_fused_model_equals_transformers_with_inputs_embeds(tiny_spec, hf_llama, tiny_decoder):
+    """Image tokens spliced by medcap == the same vectors given to transformers as inputs_embeds."""
+    image_id = tiny_spec.vocab_size + 7  # outside the vocabulary: only medcap can place it
+    model = build_medcap_model(tiny_decoder, image_token_id=image_id, vision="vit_tiny", num_image_tokens=4)
+    model.eval()
+    tokens = _tokens(tiny_spec, batch=3, length=20)
+    tokens[0, 1:5] = image_id
+    tokens[2, 6:10] = image_id
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(tokens, images=images)
+        image_tokens = model.encode_images(images)
+        ref_embeds = hf_llama.get_input_embeddings()(tokens.clamp(max=tiny_spec.vocab_size - 1))
+        ref_embeds[0, 1:5] = image_tokens[0]
+        ref_embeds[2, 6:10] = image_tokens[1]
+        ref = hf_llama(inputs_embeds=ref_embeds).logits
+    diff = (ours - ref).abs().max().item()
+    print(f"fused forward: max |logit diff| vs transformers(inputs_embeds) = {diff:.2e}")
+    assert diff < TOL
+    # and the images matter: a different image changes the logits of its row only
+    with torch.no_grad():
+        other = model(tokens, images=torch.flip(images, dims=[0]))
+    assert (other[0] - ours[0]).abs().max() > 1e-3
+    assert torch.equal(other[1], ours[1])
