@@ -17,8 +17,17 @@ DATA = "#495057"
 
 
 def box(ax, x, y, w, h, text, color, fill=0.12):
-    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
-                                fc=matplotlib.colors.to_rgba(color, fill), ec=color, lw=2))
+    ax.add_patch(
+        FancyBboxPatch(
+            (x, y),
+            w,
+            h,
+            boxstyle="round,pad=0.02,rounding_size=0.08",
+            fc=matplotlib.colors.to_rgba(color, fill),
+            ec=color,
+            lw=2,
+        )
+    )
     ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=9, color="#212529")
 
 
@@ -38,10 +47,37 @@ def main() -> None:
 
     box(ax, 0.2, 2.9, 2.0, 1.1, "Image\nDICOM / JPEG / PNG\nNIfTI slice", DATA, 0.06)
     box(ax, 2.7, 2.9, 2.2, 1.1, "Vision encoder\nBiomedCLIP ViT-B/16\n(trainable)", TRAIN)
-    box(ax, 5.4, 2.9, 2.4, 1.1, "Connector (trainable)\ncls_mlp: 1 -> N tokens\npatch_mlp: 1 per patch", TRAIN)
-    box(ax, 0.2, 0.7, 3.7, 1.1, "Chat prompt\n<header> user: [N placeholders] question\n<header> assistant: answer", DATA, 0.06)
-    box(ax, 4.4, 0.7, 3.4, 1.1, "Token embeddings (frozen)\nplaceholders replaced by\nthe N image tokens", FROZEN)
-    box(ax, 8.3, 0.7, 3.5, 3.3, "Frozen instruct LLM\nLlama-3-8B-Instruct & kin\n(torchtune decoder)\n\nnever updated,\nnever re-saved", FROZEN)
+    box(
+        ax, 5.4, 2.9, 2.4, 1.1, "Connector (trainable)\ncls_mlp: 1 -> N tokens\npatch_mlp: 1 per patch", TRAIN
+    )
+    box(
+        ax,
+        0.2,
+        0.7,
+        3.7,
+        1.1,
+        "Chat prompt\n<header> user: [N placeholders] question\n<header> assistant: answer",
+        DATA,
+        0.06,
+    )
+    box(
+        ax,
+        4.4,
+        0.7,
+        3.4,
+        1.1,
+        "Token embeddings (frozen)\nplaceholders replaced by\nthe N image tokens",
+        FROZEN,
+    )
+    box(
+        ax,
+        8.3,
+        0.7,
+        3.5,
+        3.3,
+        "Frozen instruct LLM\nLlama-3-8B-Instruct & kin\n(torchtune decoder)\n\nnever updated,\nnever re-saved",
+        FROZEN,
+    )
 
     arrow(ax, (2.2, 3.45), (2.7, 3.45))
     arrow(ax, (4.9, 3.45), (5.4, 3.45))
