@@ -182,3 +182,51 @@ def load_tiny_decoder(spec: TinyLlama, folder: Path, fmt: str, output_dir: Path)
 @pytest.fixture
 def tiny_decoder(tiny_spec, llm_dirs, tmp_path):
     return load_tiny_decoder(tiny_spec, llm_dirs["meta"], "meta", tmp_path / "out")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path() -> Path:
+    """The real Llama-3 tokenizer.model shipped in the llama-models wheel (a dev dependency)."""
+    import llama_models
+
+    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    assert path.is_file(), f"llama-models does not ship {path}"
+    return path
+
+
+@pytest.fixture
+def llama3_tok(llama3_tokenizer_path):
+    from torchtune.models.llama3 import llama3_tokenizer
+
+    return llama3_tokenizer(str(llama3_tokenizer_path))
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer_json(tmp_path_factory) -> Path:
+    """A small byte-level BPE with ChatML specials, trained here (SmolLM2's has the same shape)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = ["What modality is this image?", "This is a CT scan of the chest.", "Is this an MRI? No."] * 20
+    tok.train_from_iterator(corpus, trainer)
+    path = tmp_path_factory.mktemp("chatml") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def draw_jpeg(path: Path, size: int = 64, seed: int = 0) -> Path:
+    """A drawn test image (JPEG), e.g. standing in for a SLAKE source.jpg."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
+    return path

@@ -84,13 +84,18 @@ def test_wrong_placeholder_count_names_the_row(model, found):
     tokens, images = _batch()
     tokens[2] = 5
     tokens[2, 3 : 3 + found] = IMAGE_ID
-    with pytest.raises(PlaceholderMismatchError, match=f"batch row 2: expected {N} .* found {found}"):
+    with pytest.raises(
+        PlaceholderMismatchError, match=f"batch row 2: expected {N} .* per image, found {found}"
+    ):
         model(tokens, images=images)
 
 
 def test_image_count_must_match_rows_with_placeholders(model):
     tokens, images = _batch()
-    with pytest.raises(PlaceholderMismatchError, match=r"1 images given but 2 batch rows .*\[0, 2\]"):
+    with pytest.raises(
+        PlaceholderMismatchError,
+        match=r"1 images given but the placeholders in batch rows \[0, 2\] call for 2",
+    ):
         model(tokens, images=images[:1])
     with pytest.raises(PlaceholderMismatchError, match="0 images given"):
         model(tokens)

@@ -11,7 +11,6 @@ The original's earliest files were flat (``visual.*`` / ``projector.*`` keys); b
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medcap.io import atomic_write, atomic_write_json
 from medcap.models.connectors import connector_spec
 
 MEDCAP_KEY = "medcap"
@@ -137,19 +137,8 @@ def load_vision_checkpoint(model: nn.Module, path: str | Path) -> VisionCheckpoi
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """Write to a temporary name beside ``path`` and rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """``torch.save`` through a temporary name: a crash never leaves a corrupt checkpoint."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def vision_checkpoint_payload(
@@ -203,10 +192,8 @@ PLACEHOLDER_TEXT_CFG = {"context_length": 16, "vocab_size": 64, "width": 32, "he
 
 def export_open_clip_dir(encoder: nn.Module, output_dir: str | Path) -> Path:
     """Write ``encoder`` as an open_clip ``local-dir`` folder (config + safetensors weights)."""
-    import json
-
     import open_clip
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -220,10 +207,8 @@ def export_open_clip_dir(encoder: nn.Module, output_dir: str | Path) -> Path:
         "medcap": {"encoder": encoder.name, "note": "text tower is a random placeholder; use encode_image"},
     }
     state = {k: v.detach().contiguous().clone() for k, v in clip.state_dict().items()}
-    tmp = output_dir / ".open_clip_model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, output_dir / "open_clip_model.safetensors")
-    (output_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    atomic_write(output_dir / "open_clip_model.safetensors", lambda f: f.write(save(state)))
+    atomic_write_json(output_dir / "open_clip_config.json", config, indent=2)
     return output_dir
 
 
@@ -232,11 +217,9 @@ def write_meta_llm_checkpoint(
 ) -> Path:
     """A torchtune-format LLM state dict written in Meta's layout (``consolidated.00.pth`` +
     ``params.json``), which ``FullModelMetaCheckpointer`` reads back (tests, demos, conversions)."""
-    import json
-
     from torchtune.models.convert_weights import tune_to_meta
 
     folder = Path(folder)
     atomic_save(tune_to_meta(dict(tune_state)), folder / "consolidated.00.pth")
-    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    atomic_write_json(folder / "params.json", params, indent=2)
     return folder

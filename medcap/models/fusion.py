@@ -69,21 +69,22 @@ class MedcapModel(nn.Module):
         return self.projector(self.visual(images))
 
     def check_placeholders(self, tokens: torch.Tensor, num_images: int) -> torch.Tensor:
-        """Each row holds 0 or exactly N placeholders; rows with N take the images in order."""
+        """Each row holds N placeholders per image (usually 0 or 1 image); the images, in row
+        order, must be exactly as many as the placeholder runs."""
         is_image = tokens == self.image_token_id
         counts = is_image.sum(dim=1).tolist()
         n = self.num_image_tokens
         for row, found in enumerate(counts):
-            if found not in (0, n):
+            if found % n:
                 raise PlaceholderMismatchError(
-                    f"batch row {row}: expected {n} image placeholder tokens (id {self.image_token_id}), "
-                    f"found {found}; was the prompt truncated or built for another connector?"
+                    f"batch row {row}: expected {n} image placeholder tokens (id {self.image_token_id}) "
+                    f"per image, found {found}; was the prompt truncated or built for another connector?"
                 )
-        rows = sum(1 for c in counts if c)
-        if rows != num_images:
+        expected = sum(counts) // n
+        if expected != num_images:
             raise PlaceholderMismatchError(
-                f"{num_images} images given but {rows} batch rows hold image placeholders "
-                f"(rows {[r for r, c in enumerate(counts) if c]})"
+                f"{num_images} images given but the placeholders in batch rows "
+                f"{[r for r, c in enumerate(counts) if c]} call for {expected}"
             )
         return is_image
 

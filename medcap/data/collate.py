@@ -1,0 +1,76 @@
+"""Batches for the fused model, and the DataLoader that makes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+
+
+def collate_image_chat(
+    batch: list[dict[str, Any] | None], pad_id: int, ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX
+) -> dict[str, Any]:
+    """Right-pad tokens with ``pad_id`` and labels with ``ignore_idx``; images of the rows that
+    have them are concatenated in row order (the fused model's contract). Records the dataset
+    could not fit (``None``) are dropped and counted in ``num_skipped``."""
+    samples = [s for s in batch if s is not None]
+    num_skipped = len(batch) - len(samples)
+    if not samples:
+        return {"tokens": None, "labels": None, "images": None, "indices": [], "num_skipped": num_skipped}
+    length = max(len(s["tokens"]) for s in samples)
+    tokens = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), ignore_idx, dtype=torch.long)
+    for row, s in enumerate(samples):
+        tokens[row, : len(s["tokens"])] = torch.tensor(s["tokens"], dtype=torch.long)
+        labels[row, : len(s["labels"])] = torch.tensor(s["labels"], dtype=torch.long)
+    pixels = [s["images"] for s in samples if s["images"] is not None]
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "images": torch.cat(pixels) if pixels else None,
+        "indices": [s["index"] for s in samples],
+        "num_skipped": num_skipped,
+    }
+
+
+class _Collate:
+    """Picklable for DataLoader workers."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch):
+        return collate_image_chat(batch, self.pad_id)
+
+
+def build_dataloader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    pad_id: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    world_size: int = 1,
+    rank: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool | None = None,
+) -> tuple[DataLoader, DistributedSampler]:
+    """The sampler's order depends on ``seed`` and the epoch (``sampler.set_epoch``) only, so a
+    resumed run and every rank see the same sequence."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_Collate(pad_id),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0,
+        drop_last=drop_last,
+    )
+    return loader, sampler
