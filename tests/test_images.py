@@ -71,3 +71,75 @@ def test_pixel_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)
     with pytest.raises(ImageLoadError, match="exceeds the limit"):
         load_image(get_testdata_file("CT_small.dcm"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_jp2klossless.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+    ],
+)
+def test_compressed_transfer_syntaxes(name):
+    img = load_image(get_testdata_file(name))
+    assert img.mode == "RGB" and np.asarray(img).std() > 5
+
+
+def test_lossless_compression_decodes_to_the_same_pixels():
+    plain = np.asarray(load_image(get_testdata_file("MR_small.dcm")))
+    for name in ("MR_small_jp2klossless.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm"):
+        assert np.array_equal(np.asarray(load_image(get_testdata_file(name))), plain), name
+
+
+def test_palette_colour_dicom():
+    arr = np.asarray(load_image(get_testdata_file("examples_palette.dcm")))
+    assert not np.array_equal(arr[..., 0], arr[..., 2])  # colour survived
+
+
+def test_multiframe_selector():
+    path = get_testdata_file("rtdose.dcm")
+    frames = [np.asarray(load_image(f"{path}#frame={i}")) for i in (0, 5)]
+    assert not np.array_equal(*frames)
+    with pytest.raises(ImageLoadError, match="frame 99 requested but the file has 15"):
+        load_image(f"{path}#frame=99", record=2)
+
+
+def _volume(tmp_path):
+    import nibabel as nib
+
+    x, y, z = np.meshgrid(np.arange(20), np.arange(30), np.arange(40), indexing="ij")
+    data = (z * 100 + y).astype(np.int16)  # varies along z (superior) and y (anterior) only
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return path
+
+
+def test_nifti_planes(tmp_path):
+    path = _volume(tmp_path)
+    axial = np.asarray(load_image(f"{path}#plane=axial&index=10"))[..., 0].astype(int)
+    coronal = np.asarray(load_image(f"{path}#plane=coronal&index=5"))[..., 0].astype(int)
+    sagittal = np.asarray(load_image(f"{path}#plane=sagittal"))[..., 0].astype(int)
+    assert axial.shape == (30, 20) and coronal.shape == (40, 20) and sagittal.shape == (40, 30)
+    assert (np.diff(coronal, axis=1) == 0).all()  # no variation left-right
+    assert coronal[0, 0] > coronal[-1, 0]  # superior at the top
+    assert axial[0, 0] > axial[-1, 0]  # anterior at the top
+    with pytest.raises(ImageLoadError, match="axial slice 40 requested but the volume has 40"):
+        load_image(f"{path}#plane=axial&index=40")
+    with pytest.raises(ImageLoadError, match="plane='oblique'"):
+        load_image(f"{path}#plane=oblique")
+
+
+def test_real_epi_volume_from_nibabel():
+    import os
+
+    import nibabel
+
+    path = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "example4d.nii.gz")
+    assert load_image(f"{path}#plane=axial&volume=1").size == (128, 96)
+
+
+def test_hash_in_a_file_name_is_not_a_selector(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "scan#1.png")
+    assert load_image(tmp_path / "scan#1.png").size == (8, 8)

@@ -1,8 +1,14 @@
 """Medical image files -> 8-bit RGB PIL images, ready for an encoder's transform.
 
 JPEG/PNG through Pillow (16-bit and palette images included), DICOM through pydicom (modality
-rescale, VOI window from the tags or from percentiles, MONOCHROME1 inverted, one frame of a
-multi-frame file). Only pixels are read from a DICOM file: no tag value is ever logged.
+rescale, VOI window from the tags or from percentiles, MONOCHROME1 inverted, palette colour,
+one frame of a multi-frame file; JPEG, JPEG-LS and JPEG 2000 transfer syntaxes through the
+pylibjpeg decoders), and NIfTI volumes sliced by plane and index. Only pixels are read from a
+DICOM file: no tag value is ever logged.
+
+A record may select part of a file with a fragment after ``#``:
+``scan.dcm#frame=3``, ``brain.nii.gz#plane=coronal&index=90`` (default: the middle axial slice),
+``fmri.nii.gz#plane=axial&index=20&volume=5``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from PIL import Image
 # Larger files are refused, not resized.
 MAX_PIXELS = 150_000_000
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PLANES = ("sagittal", "coronal", "axial")  # volume axes 0, 1, 2 after reorientation to RAS
+SELECT_KEYS = {"frame", "plane", "index", "volume"}
 
 
 class ImageLoadError(ValueError):
@@ -65,6 +74,11 @@ def load_dicom(path: Path, frame: int = 0, record: int | None = None) -> Image.I
         raise ImageLoadError(f"{where}: cannot decode DICOM pixels ({type(e).__name__}: {e})") from e
 
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        rgb = apply_color_lut(arr, ds)
+        return Image.fromarray(to_uint8(rgb, 0, float(np.iinfo(rgb.dtype).max)), "RGB")
     if arr.ndim == 3 and arr.shape[-1] == 3:  # colour (RGB, or YBR already converted by pydicom)
         return Image.fromarray(to_uint8(arr, 0, 255) if arr.dtype != np.uint8 else arr, "RGB")
     values = apply_modality_lut(arr, ds)
@@ -98,11 +112,61 @@ def load_raster(path: Path, record: int | None = None) -> Image.Image:
         raise ImageLoadError(f"{where}: cannot read image ({type(e).__name__}: {e})") from e
 
 
+def load_nifti_slice(
+    path: Path, plane: str = "axial", index: int | None = None, volume: int = 0, record: int | None = None
+) -> Image.Image:
+    """One slice of a NIfTI volume, reoriented to RAS so planes mean what they say; shown with
+    superior (or anterior, for axial) at the top."""
+    import nibabel as nib
+
+    where = _where(path, record)
+    if plane not in PLANES:
+        raise ImageLoadError(f"{where}: plane={plane!r}; expected one of {PLANES}")
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:
+        raise ImageLoadError(f"{where}: cannot read NIfTI volume ({type(e).__name__}: {e})") from e
+    if data.ndim == 4:
+        if not 0 <= volume < data.shape[3]:
+            raise ImageLoadError(f"{where}: volume {volume} requested but the file has {data.shape[3]}")
+        data = data[..., volume]
+    if data.ndim != 3:
+        raise ImageLoadError(f"{where}: expected a 3-D volume, found shape {data.shape}")
+    axis = PLANES.index(plane)
+    size = data.shape[axis]
+    index = size // 2 if index is None else index
+    if not 0 <= index < size:
+        raise ImageLoadError(f"{where}: {plane} slice {index} requested but the volume has {size}")
+    slab = np.take(data, index, axis=axis).astype(np.float32)
+    return Image.fromarray(np.ascontiguousarray(np.rot90(to_uint8(slab))), "L").convert("RGB")
+
+
+def split_selector(spec: str | Path) -> tuple[Path, dict[str, str]]:
+    """``"a.nii.gz#plane=axial&index=3"`` -> (``a.nii.gz``, {plane: axial, index: 3}). A ``#``
+    that is not followed by known keys belongs to the file name."""
+    text = str(spec)
+    head, sep, fragment = text.rpartition("#")
+    if sep:
+        pairs = [p.partition("=") for p in fragment.split("&")]
+        if pairs and all(eq and key in SELECT_KEYS for key, eq, _ in pairs):
+            return Path(head), {key: value for key, _, value in pairs}
+    return Path(text), {}
+
+
 def load_image(path: str | Path, *, record: int | None = None, frame: int = 0) -> Image.Image:
-    """Any supported medical image file as an 8-bit RGB PIL image."""
-    path = Path(path)
+    """Any supported medical image file (with an optional ``#`` selector) as 8-bit RGB."""
+    path, select = split_selector(path)
     if not path.is_file():
         raise ImageLoadError(f"{_where(path, record)}: image file not found")
+    try:
+        index = int(select["index"]) if "index" in select else None
+        frame = int(select.get("frame", frame))
+        volume = int(select.get("volume", 0))
+    except ValueError as e:
+        raise ImageLoadError(f"{_where(path, record)}: bad selector {select} ({e})") from e
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return load_nifti_slice(path, select.get("plane", "axial"), index, volume, record)
     if _is_dicom(path):
         return load_dicom(path, frame=frame, record=record)
     return load_raster(path, record=record)
