@@ -129,7 +129,9 @@ class ImageChatDataset(Dataset):
         if not chat.images:
             return None
         if self.image_transform is None:
-            raise ValueError(f"{self.source}, record {chat.index}: has an image but no image_transform was given")
+            raise ValueError(
+                f"{self.source}, record {chat.index}: has an image but no image_transform was given"
+            )
         return torch.stack([self.image_transform(load_image(p, record=chat.index)) for p in chat.images])
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:

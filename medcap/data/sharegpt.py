@@ -19,9 +19,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torchtune.data import Message
+if TYPE_CHECKING:
+    from torchtune.data import Message
 
 IMAGE_MARKER = "<image>"
 ORIGINAL_PLACEHOLDER = "\u2460"  # "①", the original medcap's image placeholder character
@@ -126,6 +127,8 @@ def record_to_chat(
     train_on_input: bool = False,
     new_system_prompt: str | None = None,
 ) -> ChatRecord:
+    from torchtune.data import Message  # here, so readers and converters start without torch
+
     where = f"{source}, record {index}"
     turns = next((rec[k] for k in CHAT_KEYS if k in rec), None)
     if not isinstance(turns, list) or not turns:
@@ -153,7 +156,9 @@ def record_to_chat(
                 markers += 1
             else:
                 content.append({"type": "text", "content": piece})
-        messages.append(Message(role=role, content=content, masked=role != "assistant" and not train_on_input))
+        messages.append(
+            Message(role=role, content=content, masked=role != "assistant" and not train_on_input)
+        )
 
     if markers and markers != len(images):
         raise RecordError(f"{where}: {len(images)} images but {markers} image markers")

@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""PMC-OA ({train,valid,test}.jsonl with image, caption; images under --image_subdir) -> pmcoa_{train,val,test}.json."""
+
+from medcap.data.sources import convert_splits, converter_args, exit_on_source_error, read_pmcoa
+
+
+def main(argv=None):
+    parser = converter_args(__doc__, "./datasets/PMC-OA")
+    parser.add_argument("--image_subdir", default="images", help="image folder inside --data_dir")
+    parser.add_argument("--seed", type=int, default=0, help="draw of the training instructions")
+    args = parser.parse_args(argv)
+    convert_splits(
+        {
+            f"pmcoa_{split}.json": (
+                lambda s=split: read_pmcoa(args.data_dir, s, args.image_subdir, seed=args.seed)
+            )
+            for split in ("train", "val", "test")
+        },
+        args.output_dir,
+        args.strict,
+    )
+
+
+if __name__ == "__main__":
+    with exit_on_source_error():
+        main()

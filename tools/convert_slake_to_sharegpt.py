@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""SLAKE VQA (train.json, validate.json or validation.json, test.json) -> slake_vqa_{train,val,test}.json."""
+
+from medcap.data.sources import convert_splits, converter_args, exit_on_source_error, read_slake
+
+
+def main(argv=None):
+    parser = converter_args(__doc__, "./datasets/SLAKE")
+    parser.add_argument(
+        "--lang", default="en", choices=["en", "zh", "all"], help="question language (default en)"
+    )
+    args = parser.parse_args(argv)
+    lang = None if args.lang == "all" else args.lang
+    convert_splits(
+        {
+            f"slake_vqa_{split}.json": (lambda s=split: read_slake(args.data_dir, s, lang))
+            for split in ("train", "val", "test")
+        },
+        args.output_dir,
+        args.strict,
+    )
+
+
+if __name__ == "__main__":
+    with exit_on_source_error():
+        main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""VQA-RAD ("VQA_RAD Dataset Public.json" + "VQA_RAD Image Folder/") -> vqarad_{train,test}.json.
+
+Test is the official split: phrase_type test_freeform or test_para.
+"""
+
+from medcap.data.sources import convert_splits, converter_args, exit_on_source_error, read_vqarad
+
+
+def main(argv=None):
+    args = converter_args(__doc__, "./datasets/VQA_RAD").parse_args(argv)
+    convert_splits(
+        {
+            f"vqarad_{split}.json": (lambda s=split: read_vqarad(args.data_dir, s))
+            for split in ("train", "test")
+        },
+        args.output_dir,
+        args.strict,
+    )
+
+
+if __name__ == "__main__":
+    with exit_on_source_error():
+        main()
