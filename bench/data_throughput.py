@@ -48,8 +48,14 @@ def write_records(folder: Path, names: list[str], tag: str) -> Path:
     records = [
         {
             "conversations": [
-                {"from": "human", "value": "What modality is used to take this image? Describe the findings."},
-                {"from": "gpt", "value": "This is an axial CT slice of the chest showing the lungs and heart."},
+                {
+                    "from": "human",
+                    "value": "What modality is used to take this image? Describe the findings.",
+                },
+                {
+                    "from": "gpt",
+                    "value": "This is an axial CT slice of the chest showing the lungs and heart.",
+                },
             ],
             "image": name,
         }
@@ -63,7 +69,9 @@ def write_records(folder: Path, names: list[str], tag: str) -> Path:
 def measure(dataset, workers: int, batch_size: int, pad_id: int) -> float:
     from medcap.data.collate import build_dataloader
 
-    loader, _ = build_dataloader(dataset, batch_size=batch_size, pad_id=pad_id, num_workers=workers, shuffle=False)
+    loader, _ = build_dataloader(
+        dataset, batch_size=batch_size, pad_id=pad_id, num_workers=workers, shuffle=False
+    )
     it = iter(loader)
     next(it)  # worker start-up and first batch are not counted
     count, start = 0, time.perf_counter()
@@ -73,7 +81,9 @@ def measure(dataset, workers: int, batch_size: int, pad_id: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16)
     args = parser.parse_args()
@@ -92,7 +102,9 @@ def main() -> None:
         folder = Path(tmp)
         jpegs, dicoms = make_images(folder, args.samples)
         for kind, names in (("jpeg", jpegs), ("dicom", dicoms)):
-            ds = ImageChatDataset(tokenizer, write_records(folder, names, kind), num_image_tokens=32, image_transform=transform)
+            ds = ImageChatDataset(
+                tokenizer, write_records(folder, names, kind), num_image_tokens=32, image_transform=transform
+            )
             for workers in (0, 2):
                 rate = measure(ds, workers, args.batch_size, tokenizer.pad_id)
                 results[f"{kind}_workers{workers}_samples_per_s"] = round(rate, 1)

@@ -96,16 +96,22 @@ class TinyLlama:
         ]
 
 
-def make_hf_llama(spec: TinyLlama, seed: int = 0):
+def make_hf_llama(spec: TinyLlama, seed: int = 0, steerable: bool = False):
+    """Random weights (transformers' init, std 0.02). ``steerable`` scales the value, attention
+    output and LM-head projections up: at that init a random decoder barely reads its context and
+    its logits are nearly flat, so no image tokens could steer it."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(spec.hf_config()).eval()
-    # Random init leaves RMSNorm weights at 1: perturb them so a dropped norm would show.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name:  # init leaves RMSNorm weights at 1: perturb so a dropped norm shows
                 p.add_(torch.randn_like(p) * 0.1)
+            if steerable and ("v_proj" in name or "o_proj" in name):
+                p.mul_(12.0)
+            if steerable and name == "lm_head.weight":
+                p.mul_(16.0)
     return model
 
 

@@ -138,3 +138,19 @@ def test_connector_width_must_match_decoder(tiny_decoder):
 
     with pytest.raises(ValueError, match="connector width 32 != decoder width 64"):
         MedcapModel(tiny_decoder, build_vision_encoder("vit_tiny"), ClsMLP(64, 32, 2), IMAGE_ID)
+
+
+def test_loss_at_label_positions_equals_full_sequence_loss(model):
+    tokens, images = _batch()
+    labels = torch.full_like(tokens, -100)
+    labels[:, 10:20] = tokens[:, 11:21] % 512
+    full = model(tokens, images=images)
+    full_loss = torch.nn.functional.cross_entropy(
+        full.reshape(-1, 512), labels.reshape(-1), ignore_index=-100
+    )
+    logits, targets = model(tokens, images=images, labels=labels)
+    assert logits.shape == (30, 512) and logits.dtype == torch.float32
+    sparse_loss = torch.nn.functional.cross_entropy(logits, targets)
+    assert torch.allclose(full_loss, sparse_loss, atol=1e-5)
+    sparse_loss.backward()
+    assert model.projector[0].weight.grad is not None

@@ -64,3 +64,35 @@ def test_fused_model_equals_transformers_with_inputs_embeds(tiny_spec, hf_llama,
         other = model(tokens, images=torch.flip(images, dims=[0]))
     assert (other[0] - ours[0]).abs().max() > 1e-3
     assert torch.equal(other[1], ours[1])
+
+
+def test_tied_llama3_builder_matches_transformers_with_plain_rope(tmp_path):
+    """SmolLM2's shape: tied embeddings, unscaled RoPE (neither torchtune builder fits)."""
+    from torchtune.models.convert_weights import hf_to_tune
+
+    from medcap.models.llms import tied_llama3
+
+    spec = TinyLlama(rope_base=100000.0)
+    from transformers import LlamaForCausalLM
+
+    cfg = spec.hf_config()
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(5)
+    hf = LlamaForCausalLM(cfg).eval()
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    decoder = tied_llama3(
+        vocab_size=spec.vocab_size,
+        num_layers=spec.layers,
+        num_heads=spec.heads,
+        num_kv_heads=spec.kv_heads,
+        embed_dim=spec.dim,
+        max_seq_len=spec.max_seq_len,
+        intermediate_dim=spec.ffn,
+        rope_base=100000,
+    ).eval()
+    decoder.load_state_dict(hf_to_tune(state, num_heads=spec.heads, num_kv_heads=spec.kv_heads, dim=spec.dim))
+    tokens = _tokens(spec)
+    with torch.no_grad():
+        diff = (decoder(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff < TOL
+    assert decoder.output.tied_module is decoder.tok_embeddings

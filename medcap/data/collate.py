@@ -35,14 +35,28 @@ def collate_image_chat(
     }
 
 
-class _Collate:
-    """Picklable for DataLoader workers."""
+class ImageChatCollate:
+    """``collate_image_chat`` with its pad id bound, picklable for DataLoader workers."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, batch):
         return collate_image_chat(batch, self.pad_id)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way (``start_index``, reset after one
+    pass), so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.start_index = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        start, self.start_index = self.start_index, 0
+        return iter(indices[start:])
 
 
 def build_dataloader(
@@ -57,10 +71,10 @@ def build_dataloader(
     rank: int = 0,
     drop_last: bool = False,
     pin_memory: bool | None = None,
-) -> tuple[DataLoader, DistributedSampler]:
+) -> tuple[DataLoader, ResumableSampler]:
     """The sampler's order depends on ``seed`` and the epoch (``sampler.set_epoch``) only, so a
     resumed run and every rank see the same sequence."""
-    sampler = DistributedSampler(
+    sampler = ResumableSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     loader = DataLoader(
@@ -68,7 +82,7 @@ def build_dataloader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=_Collate(pad_id),
+        collate_fn=ImageChatCollate(pad_id),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=drop_last,

@@ -101,8 +101,9 @@ def read_vision_checkpoint(path: str | Path) -> VisionCheckpoint:
     )
 
 
-def load_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Strict load that names every missing, unexpected or mis-shaped key and casts dtypes."""
+def load_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """Strict load that names every missing, unexpected or mis-shaped key and casts dtypes.
+    ``assign`` keeps the given tensors (e.g. memory-mapped ones) instead of copying them."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -120,7 +121,7 @@ def load_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str) -
         if more > 0:
             lines.append(f"  ... and {more} more")
         raise CheckpointMismatchError("\n".join(lines))
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=assign)
 
 
 def load_vision_state(model: nn.Module, ckpt: VisionCheckpoint) -> None:
@@ -148,15 +149,18 @@ def vision_checkpoint_payload(
     step: int | None = None,
     config: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    states: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
-    """Only the trainable side, on the CPU, in the original layout plus a ``medcap`` entry."""
+    """Only the trainable side, on the CPU, in the original layout plus a ``medcap`` entry.
+    ``states`` gives (visual, projector) state dicts already gathered (FSDP2 runs)."""
 
     def cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in state.items()}
 
+    visual, projector = states or (model.visual.tower.state_dict(), model.projector.state_dict())
     return {
-        "visual": cpu(model.visual.tower.state_dict()),
-        "projector": cpu(model.projector.state_dict()),
+        "visual": cpu(visual),
+        "projector": cpu(projector),
         MEDCAP_KEY: {
             "format_version": FORMAT_VERSION,
             "encoder": model.visual.name,
@@ -175,14 +179,14 @@ def save_vision_checkpoint(model: nn.Module, path: str | Path, **meta: Any) -> P
     return atomic_save(vision_checkpoint_payload(model, **meta), path)
 
 
-def load_llm_weights(decoder: nn.Module, checkpointer: Any) -> None:
+def load_llm_weights(decoder: nn.Module, checkpointer: Any, assign: bool = False) -> None:
     """Load the LLM through a torchtune checkpointer (Meta ``consolidated.00.pth`` or HF
     safetensors), naming any key or shape that does not fit the configured decoder."""
     from torchtune.training import MODEL_KEY
 
     state = checkpointer.load_checkpoint()[MODEL_KEY]
     where = getattr(checkpointer, "_checkpoint_dir", "the LLM checkpoint")
-    load_checked(decoder, state, f"LLM checkpoint in {where}")
+    load_checked(decoder, state, f"LLM checkpoint in {where}", assign=assign)
 
 
 # A one-layer text tower so that ``open_clip.create_model('local-dir:...')`` can build the

@@ -17,6 +17,8 @@ from torchtune.modules import TransformerDecoder
 from medcap.models.connectors import build_connector
 from medcap.models.vision import VisionEncoder, build_vision_encoder
 
+IGNORE_INDEX = -100
+
 
 class PlaceholderMismatchError(ValueError):
     """A batch row whose image placeholders do not match the image-token count."""
@@ -104,9 +106,23 @@ class MedcapModel(nn.Module):
         images: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, S, V] for ``tokens`` [B, S] with ``images`` [M, 3, H, W] in row order."""
-        return self.decoder(self.embed(tokens, images), mask=mask, input_pos=input_pos)
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, S, V] for ``tokens`` [B, S] with ``images`` [M, 3, H, W] in row order.
+
+        With ``labels`` [B, S] (already shifted: ``labels[:, t]`` is the target after position
+        t, ignore index -100) the output head runs only where a label is, and the result is
+        ``(logits [K, V] in fp32, targets [K])``: with ~400-token prompts and ~30-token answers
+        full-vocabulary logits at every position are most of the head's time and memory.
+        """
+        h = self.embed(tokens, images)
+        if labels is None:
+            return self.decoder(h, mask=mask, input_pos=input_pos)
+        for layer in self.decoder.layers:  # TransformerDecoder.forward, minus the head
+            h = layer(h, mask=mask, input_pos=input_pos)
+        h = self.decoder.norm(h)
+        keep = labels != IGNORE_INDEX
+        return self.decoder.output(h[keep]).float(), labels[keep]
 
     # KV-cache plumbing used by generation; the decoder owns the caches.
     def setup_caches(

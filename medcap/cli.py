@@ -1,0 +1,156 @@
+"""``medcap run|ls|cp|validate``: torchtune's CLI, resolving medcap's recipe and config names.
+
+    medcap run full_finetune_single_device --config llama3/8B_full_single_device key=value ...
+    medcap run --nproc_per_node 8 full_finetune_distributed --config llama3/8B_full ...
+    medcap run recipes/generate.py --config recipes/configs/custom_generation_config.yaml ...
+
+Recipes and configs are files under the repository's ``recipes/`` folder, resolved by path:
+torchtune installs a top-level ``recipes`` package of its own, so medcap never imports its
+recipes as a package (and ``tune run recipes/X.py`` runs into torchtune's package instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+RECIPES = {
+    "full_finetune_single_device": "full_finetune_single_device.py",
+    "full_finetune_distributed": "full_finetune_distributed.py",
+    "generate": "generate.py",
+}
+
+
+def recipes_dir() -> Path:
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    if not folder.is_dir():
+        raise SystemExit(
+            f"medcap's recipes/ folder is not beside the package ({folder}); install medcap from a "
+            "source checkout (pip install -e .)"
+        )
+    return folder
+
+
+def list_configs() -> list[str]:
+    root = recipes_dir() / "configs"
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def resolve_recipe(name: str) -> Path:
+    if name in RECIPES:
+        path = recipes_dir() / RECIPES[name]
+        if path.is_file():
+            return path
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    raise SystemExit(f"unknown recipe {name!r}: medcap's recipes are {sorted(RECIPES)}, or give a file path")
+
+
+def resolve_config(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    shipped = recipes_dir() / "configs" / f"{name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise SystemExit(f"unknown config {name!r}: medcap's configs are {list_configs()}, or give a file path")
+
+
+def _run(argv: list[str]) -> None:
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    parser = get_args_parser()
+    parser.prog = "medcap run"
+    args = parser.parse_args(argv)
+    recipe = resolve_recipe(args.training_script)
+    recipe_args = list(args.training_script_args)
+    if "--config" not in recipe_args:
+        raise SystemExit("medcap run: the '--config' argument is required")
+    i = recipe_args.index("--config") + 1
+    if i >= len(recipe_args):
+        raise SystemExit("medcap run: --config needs a name or a file")
+    recipe_args[i] = str(resolve_config(recipe_args[i]))
+    launcher_flags = argv[: argv.index(args.training_script)]
+    if launcher_flags:  # any torchrun flag: launch worker processes
+        args.training_script = str(recipe)
+        args.training_script_args = recipe_args
+        if not args.rdzv_endpoint:
+            args.standalone = True
+        torchrun(args)
+        return
+    sys.argv = [str(recipe), *recipe_args]
+    runpy.run_path(str(recipe), run_name="__main__")
+
+
+def _ls(_: list[str]) -> None:
+    print("RECIPE                          FILE")
+    for name, fname in RECIPES.items():
+        if (recipes_dir() / fname).is_file():
+            print(f"{name:32s}recipes/{fname}")
+    print("\nCONFIG")
+    for name in list_configs():
+        print(name)
+
+
+def _cp(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="medcap cp", description="copy a recipe or config to edit it")
+    parser.add_argument("name", help="recipe or config name (see medcap ls)")
+    parser.add_argument("destination")
+    args = parser.parse_args(argv)
+    source = recipes_dir() / RECIPES[args.name] if args.name in RECIPES else resolve_config(args.name)
+    dest = Path(args.destination)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists():
+        raise SystemExit(f"{dest} exists: not overwriting")
+    shutil.copyfile(source, dest)
+    print(f"copied {source} to {dest}")
+
+
+def _validate(argv: list[str]) -> None:
+    """Load a config with overrides and check every ``_component_`` can be imported."""
+    from omegaconf import OmegaConf
+    from torchtune.config._utils import _get_component_from_path
+
+    if not argv:
+        raise SystemExit("medcap validate CONFIG [key=value ...]")
+    cfg = OmegaConf.merge(OmegaConf.load(resolve_config(argv[0])), OmegaConf.from_dotlist(argv[1:]))
+    problems = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            if "_component_" in node:
+                try:
+                    _get_component_from_path(node["_component_"])
+                except Exception as e:  # noqa: BLE001 - report every bad component, not the first
+                    problems.append(f"{where}._component_={node['_component_']}: {e}")
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else k)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    if problems:
+        raise SystemExit("config problems:\n  " + "\n  ".join(problems))
+    print(f"{argv[0]}: config is well-formed")
+
+
+COMMANDS = {"run": _run, "ls": _ls, "cp": _cp, "validate": _validate}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        print(f"commands: {', '.join(COMMANDS)}")
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

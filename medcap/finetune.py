@@ -1,0 +1,339 @@
+"""Vision-only fine-tuning against a frozen LLM, on one device or under FSDP2.
+
+Read top to bottom: ``setup`` (tokenizer, LLM, vision side, data, optimizer, schedule, resume),
+``train`` (the loop), ``save``. ``recipes/full_finetune_single_device.py`` and
+``recipes/full_finetune_distributed.py`` are the entry points.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torchtune import config, modules, training
+from tqdm import tqdm
+
+from medcap.data.collate import build_dataloader
+from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoint_payload
+from medcap.models.fusion import IGNORE_INDEX, count_parameters
+from medcap.training import (
+    RECIPE_STATE,
+    build_dataset,
+    build_model,
+    build_optimizer,
+    config_as_dict,
+    load_recipe_state,
+    plot_loss_curve,
+    resolve_precision,
+    rng_state,
+    set_rng_state,
+    steps_per_epoch,
+)
+
+
+class VisionFinetuneRecipe:
+    def __init__(self, cfg: DictConfig, distributed: bool = False):
+        self.cfg = cfg
+        self.distributed = distributed
+        if distributed:
+            backend = "nccl" if cfg.device == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+        self.world_size, self.rank = training.get_world_size_and_rank()
+        self.is_rank_zero = self.rank == 0
+        if cfg.device == "cuda":
+            self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device(cfg.device)
+        self.llm_dtype = resolve_precision(self.device, cfg.get("dtype", "bf16"))
+        self.autocast = self.device.type == "cuda" and self.llm_dtype == torch.bfloat16
+        self.seed = training.set_seed(seed=cfg.get("seed"))
+        self.output_dir = Path(cfg.checkpointer.output_dir)
+        self.epochs = int(cfg.epochs)
+        self.accumulation = int(cfg.get("gradient_accumulation_steps", 1))
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")
+        self.stop_after_steps = cfg.get("stop_after_steps")
+        self.save_every_n_steps = cfg.get("save_every_n_steps")
+        self.clip_grad_norm = cfg.get("clip_grad_norm")
+        self.log_every = int(cfg.get("log_every_n_steps", 1))
+        self.epoch = 0
+        self.global_step = 0
+        self.batches_done = 0  # in the current epoch, for mid-epoch resume
+        self.history: list[tuple[int, float]] = []
+        self.skipped = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+        checkpointer = config.instantiate(cfg.checkpointer)
+        model = build_model(cfg, self.tokenizer, checkpointer, self.llm_dtype)
+        trainable, frozen = count_parameters(model)
+        self._print(
+            f"model: {trainable:,} trainable parameters (vision encoder {model.visual.name} + "
+            f"{model.projector.kind} connector, {model.num_image_tokens} image tokens), {frozen:,} frozen (LLM)"
+        )
+        state = (
+            load_recipe_state(self.output_dir / RECIPE_STATE) if cfg.get("resume_from_checkpoint") else None
+        )
+        if state is not None:
+            load_checked(model.visual.tower, state["model"]["visual"], "recipe_state ['visual']")
+            load_checked(model.projector, state["model"]["projector"], "recipe_state ['projector']")
+            self.epoch, self.global_step, self.batches_done = (
+                state["epoch"],
+                state["step"],
+                state["batches_done"],
+            )
+            self.history = [tuple(x) for x in state.get("history", [])]
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(
+                model.decoder, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        if cfg.get("compile", False):
+            for layer in model.decoder.layers:
+                layer.compile()
+        self.model = self._place(model)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg.optimizer, params, self.device, self.distributed)
+        self.dataset = build_dataset(cfg.dataset, self.tokenizer, self.model)
+        self.loader, self.sampler = build_dataloader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            pad_id=self.tokenizer.pad_id,
+            shuffle=cfg.get("shuffle", True),
+            seed=self.seed,
+            num_workers=int(cfg.get("num_workers", 0)),
+            world_size=self.world_size,
+            rank=self.rank,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.steps_per_epoch = steps_per_epoch(len(self.loader), self.accumulation, self.max_steps_per_epoch)
+        total = self.steps_per_epoch * self.epochs
+        self.scheduler = (
+            config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=total)
+            if cfg.get("lr_scheduler")
+            else None
+        )
+        if state is not None:
+            self._load_optimizer(state)
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["lr_scheduler"])
+            set_rng_state(state["rng"])
+            self._print(f"resumed at epoch {self.epoch}, step {self.global_step}")
+        self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
+        if self.metric_logger is not None:
+            self.metric_logger.log_config(cfg)
+
+    def _place(self, model):
+        if not self.distributed:
+            return model.to(self.device)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for layer in model.decoder.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model.visual, mesh=mesh)
+        fully_shard(model.projector, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    def _print(self, msg: str) -> None:
+        if self.is_rank_zero:
+            tqdm.write(msg)
+
+    # ------------------------------------------------------------------ train
+    def _micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        images = batch["images"]
+        if images is not None:
+            images = images.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits, targets = self.model(tokens, images=images, labels=labels)
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        return loss_sum, int(targets.numel())
+
+    def train(self) -> None:
+        self.model.train()
+        start_time = time.perf_counter()
+        for epoch in range(self.epoch, self.epochs):
+            self.epoch = epoch
+            self.sampler.set_epoch(epoch)
+            self.sampler.start_index = self.batches_done * self.cfg.batch_size
+            done_in_epoch = self.batches_done // self.accumulation
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=done_in_epoch,
+                desc=f"epoch {epoch + 1}/{self.epochs}",
+                disable=not self.is_rank_zero,
+                unit="step",
+                dynamic_ncols=True,
+            )
+            loss_sum, label_tokens, input_tokens, samples, micro = 0.0, 0, 0, 0, 0
+            window_start = time.perf_counter()
+            for batch in self.loader:
+                self.skipped += batch["num_skipped"]
+                self.batches_done += 1
+                if batch["tokens"] is not None:
+                    loss, n = self._micro_step(batch)
+                    loss.backward()
+                    loss_sum += loss.item()
+                    label_tokens += n
+                    input_tokens += int((batch["tokens"] != self.tokenizer.pad_id).sum())
+                    samples += batch["tokens"].shape[0]
+                micro += 1
+                if micro < self.accumulation:
+                    continue
+                self._optimizer_step(label_tokens)
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                step_loss = loss_sum / max(label_tokens, 1)
+                self.history.append((self.global_step, step_loss))
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{step_loss:.4f}",
+                    lr=f"{lr:.2e}",
+                    tok_s=f"{input_tokens / elapsed:.0f}",
+                    smp_s=f"{samples / elapsed:.2f}",
+                )
+                if self.metric_logger is not None and self.global_step % self.log_every == 0:
+                    metrics = {
+                        "loss": step_loss,
+                        "lr": lr,
+                        "tokens_per_second": input_tokens / elapsed,
+                        "samples_per_second": samples / elapsed,
+                    }
+                    if self.device.type == "cuda":
+                        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self.metric_logger.log_dict(metrics, step=self.global_step)
+                loss_sum, label_tokens, input_tokens, samples, micro = 0.0, 0, 0, 0, 0
+                window_start = time.perf_counter()
+                done_in_epoch += 1
+                if self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0:
+                    self.save_recipe_state()
+                if self.stop_after_steps and self.global_step >= self.stop_after_steps:
+                    bar.close()
+                    self.save_recipe_state()
+                    self._print(
+                        f"stopping after step {self.global_step} (stop_after_steps); resume_from_checkpoint=True continues"
+                    )
+                    return self._finish(start_time)
+                if done_in_epoch >= self.steps_per_epoch:
+                    break
+            bar.close()
+            self.batches_done = 0
+            self.save_epoch(epoch)
+            if self.skipped:
+                self._print(
+                    f"epoch {epoch}: {self.skipped} records skipped (longer than max_seq_len without cutting image tokens or the whole answer)"
+                )
+                self.skipped = 0
+        self.epoch = self.epochs
+        self._finish(start_time)
+
+    def _optimizer_step(self, label_tokens: int) -> None:
+        if label_tokens:
+            training.scale_grads(self.model, torch.tensor(1.0 / label_tokens))
+        if self.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], max_norm=float(self.clip_grad_norm)
+            )
+            if hasattr(norm, "full_tensor"):
+                norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.global_step += 1
+
+    # ------------------------------------------------------------------ save
+    def _trainable_states(self) -> tuple[dict, dict]:
+        if not self.distributed:
+            return self.model.visual.tower.state_dict(), self.model.projector.state_dict()
+        return (
+            training.gather_cpu_state_dict(self.model.visual.tower, self.is_rank_zero),
+            training.gather_cpu_state_dict(self.model.projector, self.is_rank_zero),
+        )
+
+    def _optimizer_state(self) -> dict:
+        if not self.distributed:
+            return self.optimizer.state_dict()
+        return training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero)
+
+    def _load_optimizer(self, state: dict) -> None:
+        if not self.distributed:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            training.load_from_full_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"], self.device
+            )
+
+    def save_epoch(self, epoch: int) -> None:
+        """``meta_model_{epoch}.pt`` (trainable weights only, original layout) and the recipe
+        state to resume from; both written atomically."""
+        states = self._trainable_states()
+        if self.is_rank_zero:
+            payload = vision_checkpoint_payload(
+                self.model, epoch=epoch, step=self.global_step, config=config_as_dict(self.cfg), states=states
+            )
+            path = atomic_save(payload, self.output_dir / f"meta_model_{epoch}.pt")
+            self._print(f"saved {path}")
+        self.save_recipe_state(states, epoch=epoch + 1)
+
+    def save_recipe_state(self, states: tuple[dict, dict] | None = None, epoch: int | None = None) -> None:
+        states = states or self._trainable_states()
+        optimizer = self._optimizer_state()
+        if not self.is_rank_zero:
+            return
+        state = {
+            "model": {"visual": states[0], "projector": states[1]},
+            "optimizer": optimizer,
+            "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch": self.epoch if epoch is None else epoch,
+            "step": self.global_step,
+            "batches_done": 0 if epoch is not None else self.batches_done,
+            "seed": self.seed,
+            "rng": rng_state(),
+            "history": [list(x) for x in self.history],
+        }
+        atomic_save(state, self.output_dir / RECIPE_STATE)
+
+    def _finish(self, start_time: float) -> None:
+        if not self.is_rank_zero:
+            return
+        elapsed = time.perf_counter() - start_time
+        curve = None
+        if self.history:
+            steps, losses = zip(*self.history)
+            curve = plot_loss_curve(list(steps), list(losses), Path(self.cfg.output_dir) / "loss_curve.png")
+        if self.device.type == "cuda":
+            peak = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB GPU"
+        else:
+            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+        final = f"{self.history[-1][1]:.4f}" if self.history else "n/a"
+        self._print(
+            f"done: {self.global_step} steps in {elapsed:.1f} s, final loss {final}, peak memory {peak}"
+            + (f", loss curve {curve}" if curve else "")
+        )
+
+    def cleanup(self) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+        if self.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def run(cfg: DictConfig, distributed: bool = False) -> None:
+    recipe = VisionFinetuneRecipe(cfg, distributed=distributed)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()

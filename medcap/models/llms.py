@@ -1,0 +1,54 @@
+"""Decoder builders torchtune 0.6.1 lacks, made from its own components.
+
+SmolLM2 is a Llama-architecture model with tied input/output embeddings and plain RoPE:
+torchtune's ``llama3`` builder has an untied head and ``llama3_2`` scales RoPE, so neither fits.
+"""
+
+from __future__ import annotations
+
+from torchtune.models.llama3 import llama3
+from torchtune.modules import TiedLinear, TransformerDecoder
+
+
+def tied_llama3(
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    max_seq_len: int,
+    intermediate_dim: int | None = None,
+    norm_eps: float = 1e-5,
+    rope_base: int = 500_000,
+) -> TransformerDecoder:
+    """``torchtune.models.llama3.llama3`` with the output head tied to the token embedding."""
+    decoder = llama3(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        max_seq_len=max_seq_len,
+        intermediate_dim=intermediate_dim,
+        norm_eps=norm_eps,
+        rope_base=rope_base,
+    )
+    del decoder.output  # a registered Linear; TiedLinear is not a module
+    decoder.output = TiedLinear(decoder.tok_embeddings)
+    return decoder
+
+
+def smollm2_135m(max_seq_len: int = 8192) -> TransformerDecoder:
+    """SmolLM2-135M(-Instruct): 30 layers, width 576, 9 heads, 3 KV heads, FFN 1536, vocab 49152,
+    RoPE base 100000, tied embeddings."""
+    return tied_llama3(
+        vocab_size=49152,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        embed_dim=576,
+        max_seq_len=max_seq_len,
+        intermediate_dim=1536,
+        norm_eps=1e-5,
+        rope_base=100000,
+    )

@@ -1,0 +1,162 @@
+"""Pieces the training recipes arrange: model set-up from a config, precision policy, the
+resumable sampler, recipe state, and the loss curve.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training
+
+from medcap.data.dataset import image_token_id, resolve_dataset_component
+from medcap.models.checkpoints import atomic_save, load_llm_weights, safe_load
+from medcap.models.fusion import MedcapModel, build_medcap_model
+
+log = logging.getLogger("medcap")
+RECIPE_STATE = "recipe_state.pt"
+BNB_PREFIX = "bitsandbytes."
+
+
+def resolve_precision(device: torch.device, dtype_name: str) -> torch.dtype:
+    """The frozen LLM's dtype: as configured on GPU (bf16 by default); fp32 on CPU, where bf16
+    matmuls are slow and torchtune refuses them."""
+    dtype = training.get_dtype(dtype_name, device=device) if device.type != "cpu" else torch.float32
+    if device.type == "cpu" and dtype_name not in ("fp32", "float32"):
+        log.warning("dtype=%s requested on CPU: running everything in fp32", dtype_name)
+    return dtype
+
+
+def build_llm(cfg_model: DictConfig, checkpointer: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """The decoder built on the meta device and given the checkpoint's (memory-mapped) tensors:
+    no random init of billions of weights, no second copy in host memory."""
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        decoder = config.instantiate(cfg_model)
+    load_llm_weights(decoder, checkpointer, assign=True)
+    for module in decoder.modules():  # RoPE caches are buffers computed at init: redo them
+        if hasattr(module, "rope_init"):
+            module.rope_init()
+    return decoder
+
+
+def build_model(cfg: DictConfig, tokenizer: Any, checkpointer: Any, llm_dtype: torch.dtype) -> MedcapModel:
+    """LLM from ``cfg.model`` + ``checkpointer``, vision side from the top-level keys of the
+    original command line (``vision``, ``vision_checkpoint``) and medcap's additions."""
+    decoder = build_llm(cfg.model, checkpointer, llm_dtype)
+    model = build_medcap_model(
+        decoder,
+        image_token_id=image_token_id(tokenizer),
+        vision=cfg.get("vision", "biomedclip"),
+        vision_path=cfg.get("vision_path"),
+        connector=cfg.get("connector"),
+        num_image_tokens=cfg.get("num_image_tokens"),
+        vision_checkpoint=cfg.get("vision_checkpoint"),
+        freeze_vision_encoder=cfg.get("freeze_vision_encoder", False),
+    )
+    # trainable weights stay fp32 (pure-bf16 AdamW rounds small updates away)
+    model.visual.float()
+    model.projector.float()
+    return model
+
+
+def build_dataset(cfg_dataset: DictConfig, tokenizer: Any, model: MedcapModel):
+    """Instantiate ``cfg.dataset``, mapping the original's torchtune ``chat_dataset`` to medcap's."""
+    cfg_dataset = cfg_dataset.copy()
+    cfg_dataset._component_ = resolve_dataset_component(cfg_dataset._component_)
+    return config.instantiate(
+        cfg_dataset,
+        tokenizer,
+        num_image_tokens=model.num_image_tokens,
+        image_transform=model.visual.preprocess.transform(),
+    )
+
+
+def build_optimizer(
+    cfg_optimizer: DictConfig, params: list[torch.nn.Parameter], device: torch.device, distributed: bool
+):
+    component = cfg_optimizer._component_
+    if component.startswith(BNB_PREFIX) and distributed:
+        raise ValueError(
+            f"optimizer {component} cannot run under FSDP2 (bitsandbytes fails on sharded DTensor "
+            "parameters); use torch.optim.AdamW in the distributed recipe"
+        )
+    kwargs = {}
+    if component == "torch.optim.AdamW" and device.type == "cuda" and "fused" not in cfg_optimizer:
+        kwargs["fused"] = True
+    return config.instantiate(cfg_optimizer, params, **kwargs)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(obj: Any) -> Any:
+    """random.setstate wants tuples; a weights_only load returns lists."""
+    return tuple(_as_tuple(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def save_recipe_state(path: Path, state: dict[str, Any]) -> Path:
+    return atomic_save(state, path)
+
+
+def load_recipe_state(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint=True but {path} does not exist: nothing to resume "
+            "(it is written beside meta_model_{epoch}.pt during training)"
+        )
+    return safe_load(path)
+
+
+def config_as_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers (loadable with weights_only=True)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def plot_loss_curve(steps: list[int], losses: list[float], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is a nicety, never a reason to lose a finished run
+        log.warning("matplotlib not installed: no loss curve written")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, losses, lw=1, alpha=0.4, label="step")
+    if len(losses) >= 10:
+        k = max(2, len(losses) // 20)
+        smooth = [
+            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        ax.plot(steps, smooth, lw=2, label=f"mean of {k}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def steps_per_epoch(num_batches: int, accumulation: int, max_steps: int | None) -> int:
+    steps = math.ceil(num_batches / accumulation)
+    return min(steps, max_steps) if max_steps else steps

@@ -1,0 +1,253 @@
+"""Training recipes end to end on the CPU, driven through `medcap run` as a user would: a tiny
+Llama-3-shaped LLM written in Meta's format, a small ViT, a handful of records. The overfitting
+and resume tests use a 512-token vocabulary (ChatML tokenizer) so a random frozen LLM can be
+steered at all; the original README command runs with the real Llama-3 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyLlama, draw_jpeg, make_hf_llama, write_meta_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = TinyLlama(vocab_size=512, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
+LLAMA3_SPEC = TinyLlama(vocab_size=128256, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, chatml_tokenizer_json):
+    root = tmp_path_factory.mktemp("train")
+    llm = write_meta_checkpoint(make_hf_llama(SPEC, seed=0, steerable=True), SPEC, root / "llm")
+    records = []
+    for i in range(8):
+        draw_jpeg(root / "imgs" / f"xmlab{i}" / "source.jpg", seed=i)
+        records.append(
+            {
+                "conversations": [
+                    {"from": "human", "value": "Describe."},
+                    {"from": "gpt", "value": f"{'left' if i % 2 else 'right'} {i}"},
+                ],
+                "image": f"xmlab{i}/source.jpg",
+                "meta": f"dir={root / 'imgs'}",
+            }
+        )
+    (root / "train.json").write_text(json.dumps(records))
+    return {"root": root, "llm": llm, "data": root / "train.json", "tokenizer": chatml_tokenizer_json}
+
+
+def medcap(*args, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "medcap.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"medcap {' '.join(args[:2])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def train_args(ws, out: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        "full_finetune_single_device",
+        "--config",
+        "llama3/8B_full_single_device",
+        *SPEC.overrides(),
+        "device=cpu",
+        "dtype=fp32",
+        "num_workers=0",
+        "enable_activation_checkpointing=False",
+        "vision=vit_tiny",
+        "num_image_tokens=4",
+        "batch_size=4",
+        "seed=1",
+        "tokenizer._component_=medcap.data.chatml.chatml_tokenizer",
+        f"dataset.source={ws['data']}",
+        f"tokenizer.path={ws['tokenizer']}",
+        f"checkpointer.checkpoint_dir={ws['llm']}",
+        f"checkpointer.output_dir={out}/checkpoint",
+        f"output_dir={out}",
+        f"metric_logger.log_dir={out}/log",
+        *extra,
+    ]
+
+
+def read_losses(log_dir: Path) -> list[float]:
+    text = "".join(p.read_text() for p in sorted(log_dir.glob("*.txt")))
+    return [
+        float(part.split(":")[1])
+        for line in text.splitlines()
+        for part in line.split()
+        if part.startswith("loss:")
+    ]
+
+
+def test_overfit_loss_falls_llm_unchanged_checkpoint_loads(workspace, tmp_path):
+    out = tmp_path / "run"
+    proc = medcap(
+        *train_args(
+            workspace,
+            out,
+            "epochs=15",
+            "optimizer.lr=1e-2",
+            "lr_scheduler.num_warmup_steps=2",
+            "num_image_tokens=8",
+        )
+    )
+    losses = read_losses(out / "log")
+    assert len(losses) == 30
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert "trainable parameters" in proc.stdout + proc.stderr
+    assert (out / "loss_curve.png").is_file()
+
+    ckpt = torch.load(out / "checkpoint" / "meta_model_14.pt", weights_only=True)
+    assert set(ckpt) == {"visual", "projector", "medcap"}
+    assert ckpt["medcap"]["epoch"] == 14 and ckpt["medcap"]["num_image_tokens"] == 8
+    assert sorted(p.name for p in (out / "checkpoint").iterdir() if not p.name.startswith("meta_model")) == [
+        "recipe_state.pt"
+    ]
+    # the LLM was never re-saved and never changed: reload it and compare with the source file
+    assert not any(p.suffix == ".pth" for p in out.rglob("*"))
+
+    from conftest import load_tiny_decoder
+
+    from medcap.models.fusion import build_medcap_model
+
+    decoder = load_tiny_decoder(SPEC, workspace["llm"], "meta", tmp_path / "x")
+    model = build_medcap_model(
+        decoder,
+        image_token_id=128256,
+        vision="vit_tiny",
+        vision_checkpoint=out / "checkpoint" / "meta_model_14.pt",
+    )
+    assert torch.equal(model.projector[0].weight, ckpt["projector"]["0.weight"])
+    first = torch.load(out / "checkpoint" / "meta_model_0.pt", weights_only=True)
+    assert not torch.equal(first["projector"]["0.weight"], ckpt["projector"]["0.weight"])
+
+
+def test_resume_gives_the_same_losses(workspace, tmp_path):
+    common = (
+        "epochs=3",
+        "optimizer.lr=1e-3",
+        "lr_scheduler.num_warmup_steps=1",
+        "batch_size=2",
+        "gradient_accumulation_steps=2",
+    )
+    medcap(*train_args(workspace, tmp_path / "full", *common))
+    full = read_losses(tmp_path / "full" / "log")
+    part = tmp_path / "part"
+    medcap(*train_args(workspace, part, *common, "stop_after_steps=3"))  # stops mid-epoch 1
+    assert len(read_losses(part / "log")) == 3
+    medcap(
+        *train_args(
+            workspace, part, *common, "resume_from_checkpoint=True", f"metric_logger.log_dir={part}/log2"
+        )
+    )
+    resumed = read_losses(part / "log2")
+    assert len(full) == 6 and len(resumed) == 3
+    assert resumed == pytest.approx(full[3:], rel=1e-5, abs=1e-6)
+    a = torch.load(tmp_path / "full" / "checkpoint" / "meta_model_2.pt", weights_only=True)["visual"]
+    b = torch.load(part / "checkpoint" / "meta_model_2.pt", weights_only=True)["visual"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_without_state_is_a_clear_error(workspace, tmp_path):
+    proc = medcap(*train_args(workspace, tmp_path / "none", "resume_from_checkpoint=True"), check=False)
+    assert proc.returncode != 0 and "nothing to resume" in proc.stderr
+
+
+def test_cli_ls_cp_validate(tmp_path):
+    listing = medcap("ls").stdout
+    assert (
+        "full_finetune_single_device" in listing
+        and "llama3/8B_full_single_device" in listing
+        and "smollm2/135M_full_single_device" in listing
+    )
+    medcap("cp", "llama3/8B_full_single_device", str(tmp_path))
+    assert (tmp_path / "8B_full_single_device.yaml").is_file()
+    assert "well-formed" in medcap("validate", "llama3/8B_full").stdout
+    bad = medcap("validate", "llama3/8B_full", "model._component_=torchtune.models.nope", check=False)
+    assert bad.returncode != 0 and "model._component_=torchtune.models.nope" in bad.stderr
+    unknown = medcap("run", "nope_recipe", "--config", "x", check=False)
+    assert unknown.returncode != 0 and "unknown recipe 'nope_recipe'" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_original_readme_training_command(workspace, tmp_path, llama3_tokenizer_path):
+    """The original README's command line, every override as written, `medcap` in place of
+    `python torchtune/_cli/tune.py`; a tiny LLM swapped in through model overrides, and the
+    vision checkpoint in the original release layout (BiomedCLIP tower, N = 32)."""
+    from test_checkpoints import original_projector_state, original_visual_state
+
+    llama_dir = write_meta_checkpoint(make_hf_llama(LLAMA3_SPEC, seed=0), LLAMA3_SPEC, tmp_path / "llama3")
+    last_pt = tmp_path / "last.pt"
+    torch.save(
+        {"visual": original_visual_state(), "projector": original_projector_state(32, d=LLAMA3_SPEC.dim)},
+        last_pt,
+    )
+    result_dir = tmp_path / "results_medcap"
+    name, vision = "slake", "biomedclip"
+    medcap(
+        "run",
+        "full_finetune_single_device",
+        "--config",
+        "llama3/8B_full_single_device",
+        "seed=1",
+        "epochs=2",
+        "batch_size=16",
+        "gradient_accumulation_steps=1",
+        f"vision={vision}",
+        "dataset._component_=torchtune.datasets.chat_dataset",
+        f"dataset.source={workspace['data']}",
+        "dataset.conversation_style=sharegpt",
+        "dataset.chat_format=ChatFormat",
+        "dataset.max_seq_len=400",
+        f"tokenizer.path={llama3_tokenizer_path}",
+        f"checkpointer.checkpoint_dir={llama_dir}",
+        f"vision_checkpoint={last_pt}",
+        f"checkpointer.output_dir={result_dir}/{name}_{vision}/checkpoint",
+        f"metric_logger.log_dir={result_dir}/{name}_{vision}/log",
+        f"output_dir={result_dir}/{name}_{vision}",
+        *LLAMA3_SPEC.overrides(),
+        "device=cpu",
+        "dtype=fp32",
+        "num_workers=0",
+    )
+    ckpt = torch.load(result_dir / f"{name}_{vision}" / "checkpoint" / "meta_model_1.pt", weights_only=True)
+    assert len(ckpt["visual"]) == 151 and ckpt["medcap"]["num_image_tokens"] == 32
+    assert ckpt["projector"]["2.weight"].shape == (32 * LLAMA3_SPEC.dim, LLAMA3_SPEC.dim)
+    assert len(read_losses(result_dir / f"{name}_{vision}" / "log")) == 2
+
+
+def test_recipe_changes_only_the_vision_side(workspace, tmp_path):
+    """In process: every LLM tensor is bitwise unchanged after training; every trainable one moved."""
+    from omegaconf import OmegaConf
+
+    from medcap.finetune import VisionFinetuneRecipe
+
+    args = train_args(workspace, tmp_path / "inproc", "epochs=1", "optimizer.lr=1e-2")[4:]
+    cfg = OmegaConf.merge(
+        OmegaConf.load(ROOT / "recipes" / "configs" / "llama3" / "8B_full_single_device.yaml"),
+        OmegaConf.from_dotlist(args),
+    )
+    recipe = VisionFinetuneRecipe(cfg)
+    recipe.setup()
+    llm_before = {k: v.clone() for k, v in recipe.model.decoder.state_dict().items()}
+    emb_before = recipe.model.tok_embeddings.weight.clone()
+    trainable_before = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+    recipe.train()
+    recipe.cleanup()
+    assert all(torch.equal(v, llm_before[k]) for k, v in recipe.model.decoder.state_dict().items())
+    assert torch.equal(recipe.model.tok_embeddings.weight, emb_before)
+    assert {n.split(".")[0] for n in trainable_before} == {"visual", "projector"}
+    moved = [
+        n
+        for n, p in recipe.model.named_parameters()
+        if p.requires_grad and not torch.equal(p, trainable_before[n])
+    ]
+    assert len(moved) == len(trainable_before)
