@@ -73,7 +73,11 @@ class VisionFinetuneRecipe:
         cfg = self.cfg
         self.tokenizer = config.instantiate(cfg.tokenizer)
         checkpointer = config.instantiate(cfg.checkpointer)
+        # torchtune seeds each rank with seed + rank; the randomly initialised vision side must be
+        # the same on every rank (and as in a one-process run), so it is built under the base seed
+        torch.manual_seed(self.seed)
         model = build_model(cfg, self.tokenizer, checkpointer, self.llm_dtype)
+        training.set_seed(seed=self.seed)
         trainable, frozen = count_parameters(model)
         self._print(
             f"model: {trainable:,} trainable parameters (vision encoder {model.visual.name} + "
@@ -193,6 +197,7 @@ class VisionFinetuneRecipe:
                 micro += 1
                 if micro < self.accumulation:
                     continue
+                loss_sum, label_tokens = self._global_sums(loss_sum, label_tokens)
                 self._optimizer_step(label_tokens)
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 step_loss = loss_sum / max(label_tokens, 1)
@@ -240,9 +245,19 @@ class VisionFinetuneRecipe:
         self.epoch = self.epochs
         self._finish(start_time)
 
+    def _global_sums(self, loss_sum: float, label_tokens: int) -> tuple[float, int]:
+        """Loss and label-token count over all ranks: every rank then normalises by the global
+        count, so N processes take exactly the step one process would on the same batch."""
+        if not self.distributed:
+            return loss_sum, label_tokens
+        sums = torch.tensor([loss_sum, float(label_tokens)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(sums)
+        return float(sums[0]), int(sums[1])
+
     def _optimizer_step(self, label_tokens: int) -> None:
+        # the loss is a sum over label tokens; FSDP2 averages gradients over ranks, hence world_size
         if label_tokens:
-            training.scale_grads(self.model, torch.tensor(1.0 / label_tokens))
+            training.scale_grads(self.model, torch.tensor(self.world_size / label_tokens))
         if self.clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], max_norm=float(self.clip_grad_norm)
