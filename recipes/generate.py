@@ -1,0 +1,24 @@
+"""Evaluate vision checkpoints with a frozen LLM: captions (test_metrics), SLAKE or VQA-RAD
+(test_slake / test_vqarad), the original CSVs plus JSON summaries.
+
+    medcap run generate --config custom_generation_config test_slake=True \
+        dataset_source=./datasets/SLAKE vision_checkpoint='RUN/checkpoint/meta_model_*.pt' ...
+
+The work is in ``medcap.evaluation.runner.Evaluator``.
+"""
+
+import sys
+
+from omegaconf import DictConfig
+from torchtune import config
+
+from medcap.evaluation.runner import Evaluator
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    Evaluator(cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,188 @@
+"""The generate recipe: SLAKE / VQA-RAD / captioning CSVs, many checkpoints with one LLM load,
+resume after interruption, and the original README's evaluation command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyLlama, draw_jpeg, load_tiny_decoder, make_hf_llama, write_meta_checkpoint
+from omegaconf import OmegaConf
+
+from medcap.models.checkpoints import save_vision_checkpoint
+from medcap.models.fusion import build_medcap_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = TinyLlama(vocab_size=400, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
+
+
+def slake_row(qid, img, question, answer, answer_type, content_type, lang="en"):
+    return {"img_id": img, "img_name": f"xmlab{img}/source.jpg", "question": question, "answer": answer,
+            "q_lang": lang, "location": "Chest", "modality": "CT", "answer_type": answer_type, "base_type": "vqa",
+            "content_type": content_type, "triple": ["vhead", "_", "_"], "qid": qid}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, chatml_tokenizer_json):
+    root = tmp_path_factory.mktemp("eval")
+    llm = write_meta_checkpoint(make_hf_llama(SPEC, seed=0, steerable=True), SPEC, root / "llm")
+    slake = root / "SLAKE"
+    for i in range(3):
+        draw_jpeg(slake / "imgs" / f"xmlab{i}" / "source.jpg", seed=i)
+    rows = [
+        slake_row(1, 0, "Is this a CT?", "Yes", "CLOSED", "Modality"),
+        slake_row(2, 1, "Which organ is shown?", "Lung", "OPEN", "Organ"),
+        slake_row(3, 2, "Is the lung healthy?", "No", "CLOSED", "Abnormality"),
+        slake_row(4, 2, "这是CT吗?", "是", "CLOSED", "Modality", lang="zh"),
+        slake_row(5, 0, "What modality is used?", "CT", "OPEN", "Modality"),
+    ]
+    (slake / "test.json").write_text(json.dumps(rows, ensure_ascii=False))
+    captions = [{"conversations": [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": f"a chest ct number {i}"}],
+                 "image": f"xmlab{i}/source.jpg", "meta": f"dir={slake / 'imgs'}"} for i in range(3)]  # fmt: skip
+    (root / "slake_val.json").write_text(json.dumps(captions))
+    ckpt_dir = root / "checkpoint"
+    for epoch in range(2):
+        torch.manual_seed(epoch)
+        model = build_medcap_model(
+            load_tiny_decoder(SPEC, llm, "meta", root / "x"),
+            image_token_id=400,
+            vision="vit_tiny",
+            num_image_tokens=4,
+        )
+        save_vision_checkpoint(model, ckpt_dir / f"meta_model_{epoch}.pt", epoch=epoch)
+    return {
+        "root": root,
+        "llm": llm,
+        "slake": slake,
+        "captions": root / "slake_val.json",
+        "ckpt": ckpt_dir,
+        "tok": chatml_tokenizer_json,
+    }
+
+
+def eval_overrides(ws, out, *extra):
+    return [
+        *SPEC.overrides(), "device=cpu", "dtype=fp32", "temperature=0", "top_k=null", "max_new_tokens=6",
+        "tokenizer._component_=medcap.data.chatml.chatml_tokenizer", f"tokenizer.path={ws['tok']}",
+        f"checkpointer.checkpoint_dir={ws['llm']}", f"output_dir={out}", "vision=vit_tiny", *extra,
+    ]  # fmt: skip
+
+
+def make_cfg(ws, out, *extra):
+    base = OmegaConf.load(ROOT / "recipes" / "configs" / "custom_generation_config.yaml")
+    return OmegaConf.merge(base, OmegaConf.from_dotlist(eval_overrides(ws, out, *extra)))
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_slake_all_checkpoints_one_llm_load(ws, tmp_path, monkeypatch):
+    from medcap.evaluation import runner
+
+    loads = []
+    real = runner.build_llm
+    monkeypatch.setattr(runner, "build_llm", lambda *a, **k: loads.append(1) or real(*a, **k))
+    cfg = make_cfg(ws, tmp_path, "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=direct",
+                   f"vision_checkpoint={ws['ckpt']}/meta_model_*.pt", "batch_size=3")  # fmt: skip
+    results = runner.Evaluator(cfg).run()
+    assert len(loads) == 1
+    assert sorted(results) == ["slake/meta_model_0", "slake/meta_model_1"]
+    rows = read_csv(tmp_path / "test_out_slake_meta_model_0.csv")
+    assert list(rows[0])[:4] == ["image", "instruction", "output", "generated"]
+    assert [r["qid"] for r in rows] == ["1", "2", "3", "5"]  # English only, closed and open
+    assert rows[1]["answer_type"] == "OPEN" and rows[1]["output"] == "Lung"
+    summary = json.loads((tmp_path / "test_out_slake_meta_model_0.json").read_text())
+    assert (summary["closed_n"], summary["open_n"]) == (2, 2)
+    assert summary["by_content_type"]["Modality"]["n"] == 2
+    other = read_csv(tmp_path / "test_out_slake_meta_model_1.csv")
+    assert [r["generated"] for r in rows] != [r["generated"] for r in other]  # the checkpoints differ
+
+    # batch size does not change greedy answers
+    cfg1 = make_cfg(ws, tmp_path / "b1", "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=direct",
+                    f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt", "batch_size=1")  # fmt: skip
+    runner.Evaluator(cfg1).run()
+    assert [r["generated"] for r in read_csv(tmp_path / "b1" / "test_out_slake_meta_model_0.csv")] == [
+        r["generated"] for r in rows
+    ]
+
+
+def test_resume_after_interruption(ws, tmp_path, monkeypatch):
+    from medcap.evaluation import runner
+
+    cfg = make_cfg(ws, tmp_path, "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=describe_then_answer",
+                   f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt", "answer_types=[CLOSED]", "batch_size=1")  # fmt: skip
+    runner.Evaluator(cfg).run()
+    path = tmp_path / "test_out_slake_meta_model_0.csv"
+    full = read_csv(path)
+    assert len(full) == 2 and all(r["description"] for r in full)  # two turns: a description first
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))  # the run died before its last row
+    calls = []
+    real = runner.generate
+    monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    runner.Evaluator(cfg).run()
+    assert sum(calls) == 2  # one item: its description and its answer
+    assert read_csv(path) == full
+
+
+def test_captioning_metrics_files(ws, tmp_path):
+    from medcap.evaluation import runner
+
+    cfg = make_cfg(
+        ws,
+        tmp_path,
+        "test_metrics=True",
+        f"dataset_source={ws['captions']}",
+        f"vision_checkpoint={ws['ckpt']}/meta_model_1.pt",
+    )
+    runner.Evaluator(cfg).run()
+    rows = read_csv(tmp_path / "test_out_meta_model_1.csv")
+    assert [r["output"] for r in rows] == [f"a chest ct number {i}" for i in range(3)]
+    assert all(r["instruction"] == "Describe the image." for r in rows)
+    metrics = dict(line.split(",") for line in (tmp_path / "test_meta_model_1.csv").read_text().splitlines())
+    assert set(metrics) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert json.loads((tmp_path / "test_out_meta_model_1.json").read_text())["n"] == 3
+
+
+def test_long_prompts_are_skipped_not_cut(ws, tmp_path, capsys):
+    from medcap.evaluation import runner
+
+    cfg = make_cfg(ws, tmp_path, "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=direct",
+                   f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt", "dataset_max_seq_len=20")  # fmt: skip
+    runner.Evaluator(cfg).run()
+    assert not read_csv(tmp_path / "test_out_slake_meta_model_0.csv")
+    assert "4 items skipped: prompt longer than dataset_max_seq_len=20" in capsys.readouterr().out
+    assert json.loads((tmp_path / "test_out_slake_meta_model_0.json").read_text())["skipped_too_long"] == 4
+
+
+@pytest.mark.slow
+def test_original_readme_generate_command(ws, tmp_path, llama3_tokenizer_path):
+    """The original README's test command, `medcap` for `python torchtune/_cli/tune.py`, with a
+    tiny Llama-3-vocabulary LLM swapped in by overrides."""
+    spec = TinyLlama(vocab_size=128256, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
+    llama_dir = write_meta_checkpoint(make_hf_llama(spec, seed=0), spec, tmp_path / "llama3")
+    torch.manual_seed(0)
+    model = build_medcap_model(
+        load_tiny_decoder(spec, llama_dir, "meta", tmp_path / "x"), image_token_id=128256, vision="biomedclip"
+    )
+    result_dir = tmp_path / "results_medcap" / "slake_biomedclip"
+    save_vision_checkpoint(model, result_dir / "checkpoint" / "meta_model_0.pt", epoch=0)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medcap.cli", "run", "recipes/generate.py", "--config", "recipes/configs/custom_generation_config.yaml",
+         "test_metrics=True", "seed=1", "max_new_tokens=200", "top_k=null", "temperature=0", "vision=biomedclip",
+         f"dataset_source={ws['captions']}", "dataset_conversation_style=sharegpt", "dataset_chat_format=ChatFormat",
+         "dataset_max_seq_len=200", f"tokenizer.path={llama3_tokenizer_path}", f"checkpointer.checkpoint_dir={llama_dir}",
+         f"vision_checkpoint={result_dir}/checkpoint/meta_model_0.pt", f"output_dir={result_dir}",
+         *spec.overrides(), "device=cpu", "dtype=fp32"],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(read_csv(result_dir / "test_out_meta_model_0.csv")) == 3
+    assert (result_dir / "test_meta_model_0.csv").read_text().startswith("BLEU-1,")

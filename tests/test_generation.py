@@ -1,0 +1,85 @@
+"""Batched KV-cache decoding with images equals one-at-a-time and cache-free greedy decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medcap.generation import generate
+from medcap.models.fusion import build_medcap_model
+
+IMG, N = 1000, 4
+
+
+@pytest.fixture
+def model(tiny_decoder):
+    torch.manual_seed(0)
+    return build_medcap_model(tiny_decoder, image_token_id=IMG, vision="vit_tiny", num_image_tokens=N).eval()
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(3)
+    body = lambda n: torch.randint(5, 500, (n,), generator=g).tolist()  # noqa: E731
+    return [
+        [1, *[IMG] * N, *body(9)],  # image, long
+        [1, *body(3)],  # text only, short
+        [1, *body(2), *[IMG] * N, *body(4)],  # image in the middle
+    ]
+
+
+def test_batched_cached_equals_single_and_cache_free(model):
+    prompts = _prompts()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=12, stop_tokens=[2], pad_id=0)
+    batched = generate(model, prompts, images, **kwargs)
+    single = [
+        generate(model, [prompts[0]], images[:1], **kwargs)[0],
+        generate(model, [prompts[1]], None, **kwargs)[0],
+        generate(model, [prompts[2]], images[1:], **kwargs)[0],
+    ]
+    cache_free = generate(model, prompts, images, use_cache=False, **kwargs)
+    assert batched == single == cache_free
+    assert all(len(x) == 12 for x in batched)  # no stop token met with these weights
+    assert batched[0] != batched[2]  # images and prompts matter
+    assert model.decoder.layers[0].attn.kv_cache is None  # caches are torn down afterwards
+
+
+def test_each_row_stops_at_its_stop_token(model):
+    prompts = _prompts()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    free = generate(model, prompts, images, max_new_tokens=12, stop_tokens=[2], pad_id=0)
+    stop = free[0][3]  # make row 0's fourth token a stop token
+    cut = generate(model, prompts, images, max_new_tokens=12, stop_tokens=[stop], pad_id=0)
+    assert cut[0] == free[0][: free[0].index(stop)]
+    for got, full in zip(cut[1:], free[1:]):
+        assert got == (full[: full.index(stop)] if stop in full else full)
+
+
+def test_sampling_is_seeded(model):
+    prompts = _prompts()[1:2]
+    run = lambda seed: generate(  # noqa: E731
+        model,
+        prompts,
+        None,
+        max_new_tokens=10,
+        stop_tokens=[2],
+        pad_id=0,
+        temperature=1.0,
+        top_k=50,
+        rng=torch.Generator().manual_seed(seed),
+    )
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+    greedy = generate(model, prompts, None, max_new_tokens=10, stop_tokens=[2], pad_id=0)
+    top1 = generate(
+        model,
+        prompts,
+        None,
+        max_new_tokens=10,
+        stop_tokens=[2],
+        pad_id=0,
+        temperature=1.0,
+        top_k=1,
+        rng=torch.Generator().manual_seed(1),
+    )
+    assert greedy == top1
