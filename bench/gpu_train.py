@@ -145,7 +145,7 @@ def main() -> None:
         dims["vocab_size"],
     )
     samples = args.batch * args.steps / elapsed
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print(
         f"{name}: {samples:.2f} samples/s, {args.steps} steps of batch {args.batch} x {args.seq} tokens, "
@@ -160,7 +160,7 @@ def main() -> None:
             {
                 "device": name,
                 "samples_per_s": round(samples, 3),
-                "peak_gib": round(peak, 2),
+                "peak_gib": None if peak is None else round(peak, 2),
                 "mfu": round(flops * samples / args.batch / matmul, 3),
                 "matmul_tflops": round(matmul / 1e12, 1),
                 "batch": args.batch,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,24 @@ from medcap.training import (
     set_rng_state,
     steps_per_epoch,
 )
+
+
+@dataclass
+class _Window:
+    """What one optimizer step has accumulated so far."""
+
+    micro: int = 0
+    loss_sum: float = 0.0
+    label_tokens: int = 0
+    input_tokens: int = 0
+    samples: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss_sum: float, label_tokens: int, batch: dict[str, Any], pad_id: int) -> None:
+        self.loss_sum += loss_sum
+        self.label_tokens += label_tokens
+        self.input_tokens += int((batch["tokens"] != pad_id).sum())
+        self.samples += batch["tokens"].shape[0]
 
 
 class VisionFinetuneRecipe:
@@ -182,46 +201,19 @@ class VisionFinetuneRecipe:
                 unit="step",
                 dynamic_ncols=True,
             )
-            loss_sum, label_tokens, input_tokens, samples, micro = 0.0, 0, 0, 0, 0
-            window_start = time.perf_counter()
+            window = _Window()
             for batch in self.loader:
                 self.skipped += batch["num_skipped"]
                 self.batches_done += 1
+                window.micro += 1
                 if batch["tokens"] is not None:
                     loss, n = self._micro_step(batch)
                     loss.backward()
-                    loss_sum += loss.item()
-                    label_tokens += n
-                    input_tokens += int((batch["tokens"] != self.tokenizer.pad_id).sum())
-                    samples += batch["tokens"].shape[0]
-                micro += 1
-                if micro < self.accumulation:
+                    window.add(loss.item(), n, batch, self.tokenizer.pad_id)
+                if window.micro < self.accumulation:
                     continue
-                loss_sum, label_tokens = self._global_sums(loss_sum, label_tokens)
-                self._optimizer_step(label_tokens)
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                step_loss = loss_sum / max(label_tokens, 1)
-                self.history.append((self.global_step, step_loss))
-                lr = self.optimizer.param_groups[0]["lr"]
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{step_loss:.4f}",
-                    lr=f"{lr:.2e}",
-                    tok_s=f"{input_tokens / elapsed:.0f}",
-                    smp_s=f"{samples / elapsed:.2f}",
-                )
-                if self.metric_logger is not None and self.global_step % self.log_every == 0:
-                    metrics = {
-                        "loss": step_loss,
-                        "lr": lr,
-                        "tokens_per_second": input_tokens / elapsed,
-                        "samples_per_second": samples / elapsed,
-                    }
-                    if self.device.type == "cuda":
-                        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    self.metric_logger.log_dict(metrics, step=self.global_step)
-                loss_sum, label_tokens, input_tokens, samples, micro = 0.0, 0, 0, 0, 0
-                window_start = time.perf_counter()
+                self._complete_step(window, bar)
+                window = _Window()
                 done_in_epoch += 1
                 if self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0:
                     self.save_recipe_state()
@@ -234,16 +226,41 @@ class VisionFinetuneRecipe:
                     return self._finish(start_time)
                 if done_in_epoch >= self.steps_per_epoch:
                     break
+            else:
+                if window.micro:  # a last, shorter accumulation window: step on it too
+                    self._complete_step(window, bar)
             bar.close()
             self.batches_done = 0
             self.save_epoch(epoch)
             if self.skipped:
                 self._print(
-                    f"epoch {epoch}: {self.skipped} records skipped (longer than max_seq_len without cutting image tokens or the whole answer)"
+                    f"epoch {epoch}: {self.skipped} records skipped (longer than max_seq_len without cutting "
+                    "image tokens or the whole answer)"
                 )
                 self.skipped = 0
         self.epoch = self.epochs
         self._finish(start_time)
+
+    def _complete_step(self, window: _Window, bar: tqdm) -> None:
+        loss_sum, label_tokens = self._global_sums(window.loss_sum, window.label_tokens)
+        self._optimizer_step(label_tokens)
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        step_loss = loss_sum / max(label_tokens, 1)
+        self.history.append((self.global_step, step_loss))
+        lr = self.optimizer.param_groups[0]["lr"]
+        metrics = {
+            "loss": step_loss,
+            "lr": lr,
+            "tokens_per_second": window.input_tokens / elapsed,
+            "samples_per_second": window.samples / elapsed,
+        }
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
+                        smp_s=f"{metrics['samples_per_second']:.2f}")  # fmt: skip
+        if self.metric_logger is not None and self.global_step % self.log_every == 0:
+            if self.device.type == "cuda":
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.metric_logger.log_dict(metrics, step=self.global_step)
 
     def _global_sums(self, loss_sum: float, label_tokens: int) -> tuple[float, int]:
         """Loss and label-token count over all ranks: every rank then normalises by the global

@@ -156,6 +156,21 @@ def test_resume_gives_the_same_losses(workspace, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_tune_run_with_recipe_and_config_paths(workspace, tmp_path):
+    """`PYTHONPATH=. tune run recipes/X.py --config recipes/configs/Y.yaml`, as the original README."""
+    import os
+
+    args = train_args(workspace, tmp_path / "tune", "epochs=1")[4:]
+    env = {**os.environ, "PYTHONPATH": "."}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tune"), "run", "recipes/full_finetune_single_device.py",
+         "--config", "recipes/configs/llama3/8B_full_single_device.yaml", *args],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "tune" / "checkpoint" / "meta_model_0.pt").is_file()
+
+
 def test_resume_without_state_is_a_clear_error(workspace, tmp_path):
     proc = medcap(*train_args(workspace, tmp_path / "none", "resume_from_checkpoint=True"), check=False)
     assert proc.returncode != 0 and "nothing to resume" in proc.stderr
@@ -230,7 +245,14 @@ def test_recipe_changes_only_the_vision_side(workspace, tmp_path):
 
     from medcap.finetune import VisionFinetuneRecipe
 
-    args = train_args(workspace, tmp_path / "inproc", "epochs=1", "optimizer.lr=1e-2")[4:]
+    args = train_args(
+        workspace,
+        tmp_path / "inproc",
+        "epochs=1",
+        "optimizer.lr=1e-2",
+        "batch_size=3",
+        "gradient_accumulation_steps=2",
+    )[4:]
     cfg = OmegaConf.merge(
         OmegaConf.load(ROOT / "recipes" / "configs" / "llama3" / "8B_full_single_device.yaml"),
         OmegaConf.from_dotlist(args),
@@ -242,6 +264,9 @@ def test_recipe_changes_only_the_vision_side(workspace, tmp_path):
     trainable_before = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
     recipe.train()
     recipe.cleanup()
+    # 8 records in batches of 3 -> 3 batches; windows of 2 -> 2 steps, the last one shorter
+    assert recipe.global_step == 2
+    assert all(p.grad is None for p in recipe.model.parameters())
     assert all(torch.equal(v, llm_before[k]) for k, v in recipe.model.decoder.state_dict().items())
     assert torch.equal(recipe.model.tok_embeddings.weight, emb_before)
     assert {n.split(".")[0] for n in trainable_before} == {"visual", "projector"}
