@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask, sample
+from torchtune.modules import TransformerDecoder
 from torchtune.modules.common_utils import delete_kv_caches
 
 from medcap.models.fusion import MedcapModel
@@ -27,7 +28,7 @@ def _pick(
 
 @torch.no_grad()
 def generate(
-    model: MedcapModel,
+    model: MedcapModel | TransformerDecoder,
     prompts: Sequence[Sequence[int]],
     images: torch.Tensor | None = None,
     *,
@@ -40,7 +41,8 @@ def generate(
     use_cache: bool = True,
 ) -> list[list[int]]:
     """New tokens for each prompt (stop token excluded). ``images`` [M, 3, H, W] belong, in
-    order, to the prompts that hold image placeholders."""
+    order, to the prompts that hold image placeholders; ``model`` may also be a plain torchtune
+    decoder (text only, e.g. the judge)."""
     device = model.tok_embeddings.weight.device
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
     total = prompt_len + max_new_tokens
@@ -54,19 +56,19 @@ def generate(
     stop = torch.tensor(list(stop_tokens), device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    images = None if images is None else images.to(device)
+    with_images = {} if images is None else {"images": images.to(device)}
 
     if use_cache:
         model.setup_caches(batch, model.tok_embeddings.weight.dtype, decoder_max_seq_len=total)
     try:
         if use_cache:
             logits = model(
-                tokens, images=images, mask=masks[:, :prompt_len], input_pos=positions[:, :prompt_len]
+                tokens, **with_images, mask=masks[:, :prompt_len], input_pos=positions[:, :prompt_len]
             )
         else:
             logits = model(
                 tokens,
-                images=images,
+                **with_images,
                 mask=masks[:, :prompt_len, :prompt_len],
                 input_pos=positions[:, :prompt_len],
             )
@@ -85,11 +87,11 @@ def generate(
             else:
                 seq = torch.cat([tokens, out[:, : step + 1]], dim=1)
                 logits = model(
-                    seq, images=images, mask=masks[:, : pos + 1, : pos + 1], input_pos=positions[:, : pos + 1]
+                    seq, **with_images, mask=masks[:, : pos + 1, : pos + 1], input_pos=positions[:, : pos + 1]
                 )
     finally:
         if use_cache:
-            delete_kv_caches(model.decoder)
+            delete_kv_caches(model)
 
     results = []
     for row in out.tolist():

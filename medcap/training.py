@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
 from medcap.data.dataset import image_token_id, resolve_dataset_component
-from medcap.models.checkpoints import atomic_save, load_llm_weights, safe_load
+from medcap.models.checkpoints import atomic_save, safe_load
 from medcap.models.fusion import MedcapModel, build_medcap_model
+from medcap.models.llms import decoder_from_state
 
 log = logging.getLogger("medcap")
 RECIPE_STATE = "recipe_state.pt"
@@ -33,15 +34,14 @@ def resolve_precision(device: torch.device, dtype_name: str) -> torch.dtype:
 
 
 def build_llm(cfg_model: DictConfig, checkpointer: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """The decoder built on the meta device and given the checkpoint's (memory-mapped) tensors:
-    no random init of billions of weights, no second copy in host memory."""
-    with training.set_default_dtype(dtype), torch.device("meta"):
-        decoder = config.instantiate(cfg_model)
-    load_llm_weights(decoder, checkpointer, assign=True)
-    for module in decoder.modules():  # RoPE caches are buffers computed at init: redo them
-        if hasattr(module, "rope_init"):
-            module.rope_init()
-    return decoder
+    """``cfg.model`` with the weights ``checkpointer`` reads (Meta or HF format)."""
+    from torchtune.training import MODEL_KEY
+
+    state = checkpointer.load_checkpoint()[MODEL_KEY]
+    where = getattr(checkpointer, "_checkpoint_dir", "the LLM checkpoint")
+    return decoder_from_state(
+        lambda: config.instantiate(cfg_model), state, dtype, f"LLM checkpoint in {where}"
+    )
 
 
 def build_model(cfg: DictConfig, tokenizer: Any, checkpointer: Any, llm_dtype: torch.dtype) -> MedcapModel:

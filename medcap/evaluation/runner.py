@@ -110,7 +110,7 @@ def read_done(path: Path) -> dict[int, dict[str, str]]:
     if not path.exists():
         return {}
     with open(path, newline="", encoding="utf-8") as f:
-        return {int(row["index"]): row for row in csv.DictReader(f) if row.get("index", "").isdigit()}
+        return {int(row["index"]): row for row in csv.DictReader(f) if (row.get("index") or "").isdigit()}
 
 
 class Evaluator:

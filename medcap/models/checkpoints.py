@@ -179,14 +179,14 @@ def save_vision_checkpoint(model: nn.Module, path: str | Path, **meta: Any) -> P
     return atomic_save(vision_checkpoint_payload(model, **meta), path)
 
 
-def load_llm_weights(decoder: nn.Module, checkpointer: Any, assign: bool = False) -> None:
+def load_llm_weights(decoder: nn.Module, checkpointer: Any) -> None:
     """Load the LLM through a torchtune checkpointer (Meta ``consolidated.00.pth`` or HF
     safetensors), naming any key or shape that does not fit the configured decoder."""
     from torchtune.training import MODEL_KEY
 
     state = checkpointer.load_checkpoint()[MODEL_KEY]
     where = getattr(checkpointer, "_checkpoint_dir", "the LLM checkpoint")
-    load_checked(decoder, state, f"LLM checkpoint in {where}", assign=assign)
+    load_checked(decoder, state, f"LLM checkpoint in {where}")
 
 
 # A one-layer text tower so that ``open_clip.create_model('local-dir:...')`` can build the

@@ -136,6 +136,9 @@ class MedcapModel(nn.Module):
     def caches_are_enabled(self) -> bool:
         return self.decoder.caches_are_enabled()
 
+    def caches_are_setup(self) -> bool:
+        return self.decoder.caches_are_setup()
+
 
 def set_trainable(model: MedcapModel, freeze_vision_encoder: bool = False) -> None:
     """The LLM never learns; the connector always does; the encoder unless frozen (LLaVA stage 1)."""

@@ -1,0 +1,209 @@
+"""chat_llama3.py: strict verdicts, the OpenAI-compatible backend against a local server (with an
+injected 500), the in-process torchtune backend on a tiny Meta checkpoint, resume, chat."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyLlama, make_hf_llama, write_meta_checkpoint
+
+from medcap.evaluation import judge
+from medcap.evaluation.judge import parse_verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import chat_llama3  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "reply, verdict",
+    [
+        ("RIGHT", "right"), ("Right.", "right"), ("WRONG", "wrong"), ("wrong - the right answer is lung", "wrong"),
+        ("", "unparsed"), ("RIGHT/WRONG", "unparsed"), ("The answer is right", "unparsed"), ("**Right**", "right"),
+        ("Wrong, right answer: liver", "wrong"),
+    ],
+)  # fmt: skip
+def test_verdicts_are_read_from_the_first_word(reply, verdict):
+    assert parse_verdict(reply) == verdict
+
+
+def write_eval_csv(path: Path) -> Path:
+    rows = [
+        ("Is this a CT?", "Yes", "Yes", "CLOSED"),
+        ("Which organ?", "Lung", "the left lung", "OPEN"),
+        ("Is it normal?", "No", "Normal", "CLOSED"),
+        ("What modality?", "MRI", "CT", "OPEN"),
+    ]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["image", "instruction", "output", "generated", "index", "answer_type", "content_type", "qid"]
+        )
+        for i, (q, gold, pred, kind) in enumerate(rows):
+            w.writerow([f"img{i}.jpg", q, gold, pred, i, kind, "", 100 + i])
+    return path
+
+
+class ChatServer:
+    """A chat-completions server on loopback; the first request gets a 500."""
+
+    def __init__(self, replies: dict[str, str]):
+        self.requests, self.auth, self.failed_once = [], [], False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.auth.append(self.headers.get("Authorization"))
+                if not server.failed_once:
+                    server.failed_once = True
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                prompt = body["messages"][0]["content"]
+                server.requests.append(prompt)
+                reply = next((r for key, r in replies.items() if key in prompt), "I cannot say.")
+                data = json.dumps(
+                    {"choices": [{"message": {"role": "assistant", "content": reply}}]}
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def server():
+    s = ChatServer(
+        {
+            "Which organ?": "RIGHT",
+            "Is it normal?": "WRONG - the right answer is no",
+            "What modality?": "wrong",
+        }
+    )
+    yield s
+    s.close()
+
+
+def run_openai(server, csv_path, *extra):
+    chat_llama3.main([
+        "--backend", "openai", "--base_url", server.url, "--model", "judge", "--exp", "eval_vqa",
+        "--csv_path", str(csv_path), "--retries", "3", "--timeout", "10", *extra,
+    ])  # fmt: skip
+
+
+def test_openai_backend_retries_and_writes_outputs(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
+    monkeypatch.setattr(judge.time, "sleep", lambda s: None)
+    csv_path = write_eval_csv(tmp_path / "test_out_slake_meta_model_3.csv")
+    run_openai(server, csv_path, "--skip_exact")
+    printed = capsys.readouterr().out
+    assert "sk-secret-value" not in printed and all(a == "Bearer sk-secret-value" for a in server.auth)
+    assert (
+        server.failed_once and len(server.requests) == 3
+    )  # the exact match was not sent; the 500 was retried
+    out = list(csv.DictReader(open(tmp_path / "test_out_slake_meta_model_3_70B_out.csv")))
+    assert [r["verdict"] for r in out] == ["exact", "right", "wrong", "wrong"]
+    assert (
+        out[1]["instruction"].startswith("Respond with only RIGHT or WRONG")
+        and "Our answer: the left lung" in out[1]["instruction"]
+    )
+    summary = json.loads((tmp_path / "test_out_slake_meta_model_3_70B_summary.json").read_text())
+    assert (
+        summary["all"]["accuracy"] == 0.5
+        and summary["closed"]["n"] == 2
+        and summary["open"]["accuracy"] == 0.5
+    )
+    assert float((tmp_path / "test_out_slake_meta_model_3_70B_acc.csv").read_text()) == 0.5
+
+
+def test_resume_judges_only_what_is_missing(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(judge.time, "sleep", lambda s: None)
+    csv_path = write_eval_csv(tmp_path / "t.csv")
+    run_openai(server, csv_path)
+    out_path = tmp_path / "t_70B_out.csv"
+    full = out_path.read_text()
+    assert len(server.requests) == 4
+    rows = list(csv.DictReader(open(out_path, newline="")))
+    with open(out_path, "w", newline="") as f:  # the run died after two rows
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:2])
+    run_openai(server, csv_path)
+    assert len(server.requests) == 6  # only rows 3 and 4 were asked again
+    assert out_path.read_text() == full
+
+
+def test_torchtune_backend_on_a_tiny_meta_checkpoint(tmp_path, llama3_tokenizer_path, capsys):
+    spec = TinyLlama(vocab_size=128256, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
+    ckpt = write_meta_checkpoint(make_hf_llama(spec, seed=0), spec, tmp_path / "llama")
+    csv_path = write_eval_csv(tmp_path / "eval.csv")
+    args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(llama3_tokenizer_path), "--temperature", "0",
+            "--max_seq_len", "200", "--max_batch_size", "8", "--exp", "eval_vqa", "--csv_path", str(csv_path), "--device", "cpu"]  # fmt: skip
+    chat_llama3.main(args)
+    out_path = tmp_path / "eval_70B_out.csv"
+    first = out_path.read_text()
+    rows = list(csv.DictReader(open(out_path)))
+    assert len(rows) == 4 and all(r["verdict"] in ("right", "wrong", "unparsed") for r in rows)
+    summary = json.loads((tmp_path / "eval_70B_summary.json").read_text())["all"]
+    assert summary["right"] + summary["wrong"] + summary["unparsed"] == 4
+    out_path.unlink()
+    chat_llama3.main([*args, "--max_batch_size", "1"])
+    assert out_path.read_text() == first  # greedy: batch size does not change the replies
+    tight = write_eval_csv(tmp_path / "tight.csv")
+    chat_llama3.main([*args, "--max_seq_len", "20", "--csv_path", str(tight)])  # later flags win
+    assert json.loads((tmp_path / "tight_70B_summary.json").read_text())["all"]["too_long"] == 4
+
+
+def test_meta_shards_merge(tmp_path):
+    """Meta ships 70B as 8 model-parallel shards: split a tiny checkpoint in two and reload."""
+    from medcap.models.llms import META_SHARD_DIMS, _shard_dim, load_meta_llama
+
+    spec = TinyLlama(vocab_size=512, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=128)
+    single = write_meta_checkpoint(make_hf_llama(spec, seed=2), spec, tmp_path / "one")
+    state = torch.load(single / "consolidated.00.pth", weights_only=True)
+    assert META_SHARD_DIMS
+    two = tmp_path / "two"
+    two.mkdir()
+    for rank in range(2):
+        shard = {}
+        for k, v in state.items():
+            dim = _shard_dim(k)
+            shard[k] = v if dim is None else v.chunk(2, dim=dim)[rank].clone()
+        torch.save(shard, two / f"consolidated.0{rank}.pth")
+    (two / "params.json").write_text((single / "params.json").read_text())
+    tokens = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(load_meta_llama(single)(tokens), load_meta_llama(two)(tokens))
+
+
+def test_chat_ends_on_q():
+    class Echo:
+        def fits_dialog(self, dialog):
+            return True
+
+        def reply(self, dialogs):
+            return [f"turns={len(dialogs[0])}"]
+
+    inputs = iter(["hello", "again", "q", "never read"])
+    said = []
+    judge.chat(Echo(), read=lambda _: next(inputs), write=said.append)
+    assert said == ["turns=1", "turns=3"]
