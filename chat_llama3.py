@@ -72,19 +72,20 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
         fits = backend.fits
     if args.exp == "chat":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            p.error("--exp chat runs in one process (python chat_llama3.py --exp chat ...)")
         judge.chat(backend)
         return
     if not args.csv_path:
         p.error("--exp eval_vqa needs --csv_path")
     template = args.template.read_text() if args.template else judge.DEFAULT_TEMPLATE
+    rank = int(os.environ.get("RANK", "0"))  # tensor-parallel ranks judge in lockstep; rank 0 writes
     summary = judge.run_judge(
-        args.csv_path,
-        backend,
-        batch_size=args.max_batch_size,
-        template=template,
-        skip_exact=args.skip_exact,
-        fits=fits,
-    )
+        args.csv_path, backend, batch_size=args.max_batch_size, template=template, skip_exact=args.skip_exact,
+        fits=fits, write_files=rank == 0,
+    )  # fmt: skip
+    if rank != 0:
+        return
     out, acc, js = judge.output_paths(Path(args.csv_path))
     a = summary["all"]
     print(f"judged {a['n']}: right {a['right']}, wrong {a['wrong']}, unparsed {a['unparsed']}, "

@@ -73,6 +73,8 @@ def generate(
                 input_pos=positions[:, :prompt_len],
             )
         for step in range(max_new_tokens):
+            if hasattr(logits, "full_tensor"):  # tensor-parallel output
+                logits = logits.full_tensor()
             nxt = _pick(logits[:, -1], temperature, top_k, rng)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             done |= torch.isin(nxt, stop)

@@ -173,6 +173,31 @@ def test_torchtune_backend_on_a_tiny_meta_checkpoint(tmp_path, llama3_tokenizer_
     assert json.loads((tmp_path / "tight_70B_summary.json").read_text())["all"]["too_long"] == 4
 
 
+def test_torchrun_two_processes_tensor_parallel_gives_identical_files(tmp_path, llama3_tokenizer_path):
+    import shutil
+    import subprocess
+
+    spec = TinyLlama(vocab_size=128256, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
+    ckpt = write_meta_checkpoint(make_hf_llama(spec, seed=0), spec, tmp_path / "llama")
+    one = write_eval_csv(tmp_path / "one.csv")
+    two = tmp_path / "two.csv"
+    shutil.copyfile(one, two)
+    common = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(llama3_tokenizer_path), "--temperature", "0",
+              "--max_seq_len", "200", "--max_batch_size", "8", "--exp", "eval_vqa", "--device", "cpu"]  # fmt: skip
+    chat_llama3.main([*common, "--csv_path", str(one)])
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "chat_llama3.py"), *common, "--csv_path", str(two)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = list(csv.DictReader(open(tmp_path / "one_70B_out.csv")))
+    parallel = list(csv.DictReader(open(tmp_path / "two_70B_out.csv")))
+    assert [r["generated"] for r in parallel] == [r["generated"] for r in single]
+    assert (tmp_path / "two_70B_acc.csv").read_text() == (tmp_path / "one_70B_acc.csv").read_text()
+    assert any(r["generated"] for r in single)  # the replies are not trivially empty
+
+
 def test_meta_shards_merge(tmp_path):
     """Meta ships 70B as 8 model-parallel shards: split a tiny checkpoint in two and reload."""
     from medcap.models.llms import META_SHARD_DIMS, _shard_dim, load_meta_llama

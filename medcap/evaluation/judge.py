@@ -116,8 +116,10 @@ def run_judge(
     template: str = DEFAULT_TEMPLATE,
     skip_exact: bool = False,
     fits: Callable[[str], bool] = lambda _: True,
+    write_files: bool = True,
 ) -> dict[str, Any]:
-    """Judge every row not judged yet, appending to ``<csv>_70B_out.csv`` as it goes."""
+    """Judge every row not judged yet, appending to ``<csv>_70B_out.csv`` as it goes.
+    ``write_files=False`` (tensor-parallel ranks but the first) judges in lockstep, writing nothing."""
     csv_path = Path(csv_path)
     out_path, acc_path, summary_path = output_paths(csv_path)
     items = read_items(csv_path)
@@ -127,7 +129,7 @@ def run_judge(
             done = {int(r["index"]): r for r in csv.DictReader(f) if (r.get("index") or "").isdigit()}
     todo = [it for it in items if it.index not in done]
     new_file = not out_path.exists()
-    with open(out_path, "a", newline="", encoding="utf-8") as f:
+    with open(out_path if write_files else os.devnull, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=OUT_COLUMNS)
         if new_file:
             writer.writeheader()
@@ -160,6 +162,8 @@ def run_judge(
         bar.close()
     rows = [done[it.index] for it in items if it.index in done]
     summary = summarize(rows)
+    if not write_files:
+        return summary
     accuracy = summary["all"]["accuracy"]
     atomic_write(acc_path, lambda fh: fh.write(f"{accuracy if accuracy is not None else 'nan'}\n".encode()))
     atomic_write_json(summary_path, summary, indent=2)
@@ -209,8 +213,10 @@ class OpenAIBackend:
 
 # ---------------------------------------------------------------- in-process torchtune model
 class TorchtuneBackend:
-    """A Llama 3 / 3.1 Instruct (Meta folder or HF safetensors folder) in this process, batched
-    KV-cache decoding with the same loop as the evaluation."""
+    """A Llama 3 / 3.1 Instruct (Meta-format folder) in this process, batched KV-cache decoding
+    with the same loop as the evaluation. Under torchrun the model is tensor-parallel across the
+    processes (torchtune's Llama plan): each rank takes only its slices of the memory-mapped
+    checkpoint."""
 
     def __init__(self, ckpt_dir: str, tokenizer_path: str, *, max_seq_len: int = 200, max_new_tokens: int = 16,
                  temperature: float = 0.0, top_k: int | None = None, device: str | None = None, seed: int = 0):  # fmt: skip
@@ -219,14 +225,49 @@ class TorchtuneBackend:
 
         from medcap.models.llms import load_meta_llama
 
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.world_size > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
         self.tokenizer = llama3_tokenizer(tokenizer_path)
-        self.model = load_meta_llama(ckpt_dir, max_seq_len=max_seq_len).to(self.device).eval()
+        if self.world_size > 1:
+            self.model = self._tensor_parallel(ckpt_dir, max_seq_len)
+        else:
+            self.model = load_meta_llama(ckpt_dir, max_seq_len=max_seq_len).to(self.device)
         if self.device.type == "cpu":
             self.model.float()
+        self.model.eval()
         self.max_seq_len, self.max_new_tokens = max_seq_len, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _tensor_parallel(self, ckpt_dir: str, max_seq_len: int):
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+        from torchtune.models.llama3._parallelism import base_llama_tp_plan
+        from torchtune.training import load_from_full_model_state_dict, prepare_mha_for_tp, set_default_dtype
+
+        from medcap.models.llms import meta_llama_parts, rope_init
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        build, state, dtype = meta_llama_parts(ckpt_dir, max_seq_len)
+        if self.device.type == "cpu":
+            dtype = torch.float32
+        with set_default_dtype(dtype), torch.device("meta"):
+            model = build()
+        prepare_mha_for_tp(model, mesh)
+        parallelize_module(model, mesh, base_llama_tp_plan())
+        load_from_full_model_state_dict(
+            model, {k: v.to(dtype) for k, v in state.items()}, self.device, strict=True
+        )
+        with self.device:
+            rope_init(model)
+        return model
 
     def encode(self, dialog: list[tuple[str, str]]) -> list[int]:
         """(role, text) turns, then the assistant header: the prompt the reply continues."""

@@ -91,10 +91,12 @@ def merge_meta_shards(shards: list[dict]) -> dict:
     return merged
 
 
-def load_meta_llama(ckpt_dir: str | Path, max_seq_len: int = 8192) -> TransformerDecoder:
-    """A Meta-format Llama 3 / 3.1 folder (``params.json`` + ``consolidated.*.pth``) as a
-    torchtune decoder, on the CPU. The FFN width is read from the weights; ``use_scaled_rope``
-    selects Llama 3.1's scaled RoPE."""
+def meta_llama_parts(
+    ckpt_dir: str | Path, max_seq_len: int = 8192
+) -> tuple[Callable[[], TransformerDecoder], dict, torch.dtype]:
+    """A Meta-format Llama 3 / 3.1 folder (``params.json`` + ``consolidated.*.pth``): a builder
+    for its decoder, its state dict in torchtune names (memory-mapped), and its dtype. The FFN
+    width is read from the weights; ``use_scaled_rope`` selects Llama 3.1's scaled RoPE."""
     import json
 
     from torchtune.models.convert_weights import meta_to_tune
@@ -124,8 +126,20 @@ def load_meta_llama(ckpt_dir: str | Path, max_seq_len: int = 8192) -> Transforme
         from torchtune.models.llama3_1._component_builders import llama3_1 as builder
     else:
         builder = llama3
-    dtype = next(iter(state.values())).dtype
-    return decoder_from_state(lambda: builder(**kwargs), state, dtype, f"Meta checkpoint in {ckpt_dir}")
+    return (lambda: builder(**kwargs)), state, next(iter(state.values())).dtype
+
+
+def load_meta_llama(ckpt_dir: str | Path, max_seq_len: int = 8192) -> TransformerDecoder:
+    """A Meta-format Llama folder as a torchtune decoder on the CPU (one process)."""
+    build, state, dtype = meta_llama_parts(ckpt_dir, max_seq_len)
+    return decoder_from_state(build, state, dtype, f"Meta checkpoint in {ckpt_dir}")
+
+
+def rope_init(decoder: torch.nn.Module) -> None:
+    """RoPE caches are buffers computed at init: a decoder built on the meta device redoes them."""
+    for module in decoder.modules():
+        if hasattr(module, "rope_init"):
+            module.rope_init()
 
 
 def decoder_from_state(
@@ -140,7 +154,5 @@ def decoder_from_state(
     with set_default_dtype(dtype), torch.device("meta"):
         decoder = build()
     load_checked(decoder, state, what, assign=True)
-    for module in decoder.modules():  # RoPE caches are buffers computed at init: redo them
-        if hasattr(module, "rope_init"):
-            module.rope_init()
+    rope_init(decoder)
     return decoder
