@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max_gen_len", type=int, default=16, help="reply length cap, in tokens")
     p.add_argument("--max_batch_size", type=int, default=8)
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--quantize", choices=["nf4"], help="4-bit NF4 weights (torchao): a 70B judge on one 80 GB GPU"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--template", type=Path, help="prompt template file with {question} {prediction} {answer}")
     p.add_argument(
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         backend = judge.TorchtuneBackend(
             args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_new_tokens=args.max_gen_len,
             temperature=args.temperature, top_k=args.top_k, device=args.device, seed=args.seed,
+            quantize=args.quantize,
         )  # fmt: skip
         fits = backend.fits
     if args.exp == "chat":

@@ -232,3 +232,51 @@ def test_chat_ends_on_q():
     said = []
     judge.chat(Echo(), read=lambda _: next(inputs), write=said.append)
     assert said == ["turns=1", "turns=3"]
+
+
+def test_nf4_quantized_judge(tmp_path, llama3_tokenizer_path):
+    """--quantize nf4: decoder-layer weights become 4-bit NF4 tensors; logits stay close."""
+    from torchao.dtypes.nf4tensor import NF4Tensor
+
+    spec = TinyLlama(vocab_size=128256, layers=2, dim=128, ffn=256, heads=4, kv_heads=2, max_seq_len=512)
+    ckpt = write_meta_checkpoint(make_hf_llama(spec, seed=0), spec, tmp_path / "llama")
+    full = judge.TorchtuneBackend(str(ckpt), str(llama3_tokenizer_path), device="cpu")
+    quant = judge.TorchtuneBackend(str(ckpt), str(llama3_tokenizer_path), device="cpu", quantize="nf4")
+    assert quant.quantized == 2 * 5  # q, o, w1, w2, w3 per layer (k and v are too small for NF4 blocks)
+    assert isinstance(quant.model.layers[0].mlp.w1.weight, NF4Tensor)
+    tokens = torch.randint(0, 128256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = full.model(tokens).flatten(), quant.model(tokens).flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95
+    assert not torch.equal(a, b)
+    csv_path = write_eval_csv(tmp_path / "q.csv")
+    chat_llama3.main(["--ckpt_dir", str(ckpt), "--tokenizer_path", str(llama3_tokenizer_path), "--device", "cpu",
+                      "--quantize", "nf4", "--exp", "eval_vqa", "--csv_path", str(csv_path)])  # fmt: skip
+    assert len(list(csv.DictReader(open(tmp_path / "q_70B_out.csv")))) == 4
+
+
+@pytest.mark.parametrize("scaled_rope", [False, True])
+def test_judge_reads_hf_folders_like_meta_ones(tmp_path, scaled_rope):
+    """The same weights as an HF safetensors folder and as a Meta folder load to the same model,
+    and that model matches transformers (Llama 3.1's scaled RoPE included)."""
+    from medcap.models.llms import load_meta_llama
+
+    spec = TinyLlama(vocab_size=512, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=256)
+    hf = make_hf_llama(spec, seed=4)
+    if scaled_rope:
+        from transformers import LlamaForCausalLM
+
+        cfg = spec.hf_config()
+        cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": spec.rope_base, "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+        torch.manual_seed(4)
+        hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    decoder = load_meta_llama(tmp_path / "hf", max_seq_len=256).eval()
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (decoder(tokens) - hf(tokens).logits).abs().max() < 1e-4
+    if not scaled_rope:
+        meta = load_meta_llama(write_meta_checkpoint(hf, spec, tmp_path / "meta"), max_seq_len=256).eval()
+        with torch.no_grad():
+            assert torch.equal(meta(tokens), decoder(tokens))

@@ -219,11 +219,12 @@ class TorchtuneBackend:
     checkpoint."""
 
     def __init__(self, ckpt_dir: str, tokenizer_path: str, *, max_seq_len: int = 200, max_new_tokens: int = 16,
-                 temperature: float = 0.0, top_k: int | None = None, device: str | None = None, seed: int = 0):  # fmt: skip
+                 temperature: float = 0.0, top_k: int | None = None, device: str | None = None, seed: int = 0,
+                 quantize: str | None = None):  # fmt: skip
         import torch
         from torchtune.models.llama3 import llama3_tokenizer
 
-        from medcap.models.llms import load_meta_llama
+        from medcap.models.llms import load_meta_llama, quantize_nf4_
 
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -231,12 +232,21 @@ class TorchtuneBackend:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
         self.tokenizer = llama3_tokenizer(tokenizer_path)
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"--quantize {quantize}: only nf4 is supported")
+        if quantize and self.world_size > 1:
+            raise ValueError(
+                "--quantize nf4 is for one GPU; several processes use tensor parallelism instead"
+            )
         if self.world_size > 1:
             self.model = self._tensor_parallel(ckpt_dir, max_seq_len)
         else:
-            self.model = load_meta_llama(ckpt_dir, max_seq_len=max_seq_len).to(self.device)
-        if self.device.type == "cpu":
-            self.model.float()
+            self.model = load_meta_llama(ckpt_dir, max_seq_len=max_seq_len)
+            if self.device.type == "cpu":
+                self.model.float()
+            if quantize == "nf4":
+                self.quantized = quantize_nf4_(self.model, self.device)
+            self.model.to(self.device)
         self.model.eval()
         self.max_seq_len, self.max_new_tokens = max_seq_len, max_new_tokens
         self.temperature, self.top_k = temperature, top_k

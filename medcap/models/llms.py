@@ -94,35 +94,54 @@ def merge_meta_shards(shards: list[dict]) -> dict:
 def meta_llama_parts(
     ckpt_dir: str | Path, max_seq_len: int = 8192
 ) -> tuple[Callable[[], TransformerDecoder], dict, torch.dtype]:
-    """A Meta-format Llama 3 / 3.1 folder (``params.json`` + ``consolidated.*.pth``): a builder
-    for its decoder, its state dict in torchtune names (memory-mapped), and its dtype. The FFN
-    width is read from the weights; ``use_scaled_rope`` selects Llama 3.1's scaled RoPE."""
+    """A Llama 3 / 3.1 folder, Meta format (``params.json`` + ``consolidated.*.pth``) or HF
+    format (``config.json`` + ``*.safetensors``): a builder for its decoder, its state dict in
+    torchtune names (memory-mapped where the format allows), and its dtype. The FFN width is read
+    from the weights; Llama 3.1's scaled RoPE is chosen from the config."""
     import json
 
-    from torchtune.models.convert_weights import meta_to_tune
-
     ckpt_dir = Path(ckpt_dir)
-    params_path = ckpt_dir / "params.json"
-    if not params_path.is_file():
-        raise FileNotFoundError(f"{params_path} not found: --ckpt_dir must be a Meta-format Llama folder")
-    params = json.loads(params_path.read_text())
-    files = sorted(ckpt_dir.glob("consolidated.*.pth"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt_dir}: no consolidated.*.pth files")
-    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
-    state = meta_to_tune(merge_meta_shards(shards))
+    if (ckpt_dir / "params.json").is_file():
+        from torchtune.models.convert_weights import meta_to_tune
+
+        params = json.loads((ckpt_dir / "params.json").read_text())
+        files = sorted(ckpt_dir.glob("consolidated.*.pth"))
+        if not files:
+            raise FileNotFoundError(f"{ckpt_dir}: no consolidated.*.pth files")
+        shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+        state = meta_to_tune(merge_meta_shards(shards))
+        dims = dict(vocab_size=params["vocab_size"], num_layers=params["n_layers"], num_heads=params["n_heads"],
+                    num_kv_heads=params.get("n_kv_heads", params["n_heads"]), embed_dim=params["dim"],
+                    norm_eps=params.get("norm_eps", 1e-5), rope_base=params.get("rope_theta", 500000.0))  # fmt: skip
+        scaled = bool(params.get("use_scaled_rope"))
+    elif (ckpt_dir / "config.json").is_file():
+        from safetensors.torch import load_file
+        from torchtune.models.convert_weights import hf_to_tune
+
+        config = json.loads((ckpt_dir / "config.json").read_text())
+        files = sorted(ckpt_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{ckpt_dir}: no *.safetensors files")
+        hf_state = {k: v for f in files for k, v in load_file(f).items()}
+        if config.get("tie_word_embeddings"):
+            raise ValueError(f"{ckpt_dir}: tied-embedding models (Llama 3.2 1B/3B) are not judge models here")
+        heads, kv_heads, dim = (
+            config["num_attention_heads"],
+            config["num_key_value_heads"],
+            config["hidden_size"],
+        )
+        state = hf_to_tune(hf_state, num_heads=heads, num_kv_heads=kv_heads, dim=dim)
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        dims = dict(vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"], num_heads=heads,
+                    num_kv_heads=kv_heads, embed_dim=dim, norm_eps=config.get("rms_norm_eps", 1e-5),
+                    rope_base=rope.get("rope_theta", config.get("rope_theta", 500000.0)))  # fmt: skip
+        scaled = rope.get("rope_type", rope.get("type")) == "llama3"
+    else:
+        raise FileNotFoundError(f"{ckpt_dir}: neither params.json (Meta format) nor config.json (HF format)")
     kwargs = dict(
-        vocab_size=params["vocab_size"],
-        num_layers=params["n_layers"],
-        num_heads=params["n_heads"],
-        num_kv_heads=params.get("n_kv_heads", params["n_heads"]),
-        embed_dim=params["dim"],
-        max_seq_len=max_seq_len,
-        intermediate_dim=int(state["layers.0.mlp.w1.weight"].shape[0]),
-        norm_eps=params.get("norm_eps", 1e-5),
-        rope_base=params.get("rope_theta", 500000.0),
+        dims, max_seq_len=max_seq_len, intermediate_dim=int(state["layers.0.mlp.w1.weight"].shape[0])
     )
-    if params.get("use_scaled_rope"):
+    if scaled:
         from torchtune.models.llama3_1._component_builders import llama3_1 as builder
     else:
         builder = llama3
@@ -130,7 +149,7 @@ def meta_llama_parts(
 
 
 def load_meta_llama(ckpt_dir: str | Path, max_seq_len: int = 8192) -> TransformerDecoder:
-    """A Meta-format Llama folder as a torchtune decoder on the CPU (one process)."""
+    """A Llama folder (Meta or HF format) as a torchtune decoder on the CPU (one process)."""
     build, state, dtype = meta_llama_parts(ckpt_dir, max_seq_len)
     return decoder_from_state(build, state, dtype, f"Meta checkpoint in {ckpt_dir}")
 
@@ -156,3 +175,40 @@ def decoder_from_state(
     load_checked(decoder, state, what, assign=True)
     rope_init(decoder)
     return decoder
+
+
+class NF4Linear(torch.nn.Module):
+    """A frozen linear layer whose weight is a 4-bit NF4 tensor (torchao, as torchtune's QLoRA
+    uses): about 0.5 bytes a weight, so a 70B judge fits one 80 GB GPU."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        from torchao.dtypes.nf4tensor import to_nf4
+
+        self.weight = torch.nn.Parameter(to_nf4(weight), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchao.dtypes.nf4tensor import linear_nf4
+
+        return linear_nf4(x, self.weight)
+
+
+NF4_BLOCK = 64 * 256  # to_nf4's block size times its scaler block size
+
+
+def quantize_nf4_(decoder: TransformerDecoder, device: torch.device) -> int:
+    """Swap the decoder layers' linear weights for NF4 ones, one layer at a time on ``device``
+    (the full-precision model never has to fit there). Returns how many were quantized."""
+    count = 0
+    for layer in decoder.layers:
+        for name, module in list(layer.named_modules()):
+            if (
+                not isinstance(module, torch.nn.Linear)
+                or module.bias is not None
+                or module.weight.numel() % NF4_BLOCK
+            ):
+                continue
+            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+            setattr(parent, name.rsplit(".", 1)[-1], NF4Linear(module.weight.detach().to(device)))
+            count += 1
+    return count
