@@ -93,12 +93,12 @@ def test_slake_all_checkpoints_one_llm_load(ws, tmp_path, monkeypatch):
                    f"vision_checkpoint={ws['ckpt']}/meta_model_*.pt", "batch_size=3")  # fmt: skip
     results = runner.Evaluator(cfg).run()
     assert len(loads) == 1
-    assert sorted(results) == ["slake/meta_model_0", "slake/meta_model_1"]
+    assert sorted(results) == ["meta_model_0", "meta_model_1"]
     rows = read_csv(tmp_path / "test_out_slake_meta_model_0.csv")
     assert list(rows[0])[:4] == ["image", "instruction", "output", "generated"]
     assert [r["qid"] for r in rows] == ["1", "2", "3", "5"]  # English only, closed and open
     assert rows[1]["answer_type"] == "OPEN" and rows[1]["output"] == "Lung"
-    summary = json.loads((tmp_path / "test_out_slake_meta_model_0.json").read_text())
+    summary = json.loads((tmp_path / "metrics_meta_model_0.json").read_text())["slake"]
     assert (summary["closed_n"], summary["open_n"]) == (2, 2)
     assert summary["by_content_type"]["Modality"]["n"] == 2
     other = read_csv(tmp_path / "test_out_slake_meta_model_1.csv")
@@ -148,7 +148,7 @@ def test_captioning_metrics_files(ws, tmp_path):
     assert all(r["instruction"] == "Describe the image." for r in rows)
     metrics = dict(line.split(",") for line in (tmp_path / "test_meta_model_1.csv").read_text().splitlines())
     assert set(metrics) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
-    assert json.loads((tmp_path / "test_out_meta_model_1.json").read_text())["n"] == 3
+    assert json.loads((tmp_path / "metrics_meta_model_1.json").read_text())["captions"]["n"] == 3
 
 
 def test_long_prompts_are_skipped_not_cut(ws, tmp_path, capsys):
@@ -159,7 +159,53 @@ def test_long_prompts_are_skipped_not_cut(ws, tmp_path, capsys):
     runner.Evaluator(cfg).run()
     assert not read_csv(tmp_path / "test_out_slake_meta_model_0.csv")
     assert "4 items skipped: prompt longer than dataset_max_seq_len=20" in capsys.readouterr().out
-    assert json.loads((tmp_path / "test_out_slake_meta_model_0.json").read_text())["skipped_too_long"] == 4
+    assert json.loads((tmp_path / "metrics_meta_model_0.json").read_text())["slake"]["skipped_too_long"] == 4
+
+
+def test_vqarad_and_an_original_layout_checkpoint(ws, tmp_path):
+    """VQA-RAD's official test split from its own file layout, with a checkpoint saved the way
+    the original medcap saved them (no 'medcap' entry, bf16)."""
+    from medcap.evaluation import runner
+
+    root = tmp_path / "VQA_RAD"
+    rows = []
+    for i, phrase in enumerate(["freeform", "test_freeform", "test_para", "test_freeform"]):
+        draw_jpeg(root / "VQA_RAD Image Folder" / f"synpic{i}.jpg", seed=i)
+        rows.append({"qid": i, "image_name": f"synpic{i}.jpg", "image_organ": "CHEST", "answer": "yes" if i % 2 else "lung",
+                     "answer_type": "CLOSED" if i % 2 else "OPEN", "question_type": "PRES", "question": f"q{i}?",
+                     "phrase_type": phrase})  # fmt: skip
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    ours = torch.load(ws["ckpt"] / "meta_model_0.pt", weights_only=True)
+    original = {k: {n: t.to(torch.bfloat16) for n, t in ours[k].items()} for k in ("visual", "projector")}
+    torch.save(original, tmp_path / "last.pt")
+    cfg = make_cfg(
+        ws,
+        tmp_path,
+        "test_vqarad=True",
+        f"dataset_source={root}",
+        "vqa_mode=direct",
+        f"vision_checkpoint={tmp_path}/last.pt",
+    )
+    runner.Evaluator(cfg).run()
+    out = read_csv(tmp_path / "test_out_vqarad_last.csv")
+    assert [r["qid"] for r in out] == ["1", "2", "3"]  # the official test split only
+    summary = json.loads((tmp_path / "metrics_last.json").read_text())["vqarad"]
+    assert (summary["closed_n"], summary["open_n"]) == (2, 1)
+    assert all(json.loads(r["score"]) for r in out)
+
+
+def test_single_image_inference_on_a_dicom(ws, tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    from medcap.evaluation import runner
+
+    cfg = make_cfg(ws, tmp_path, f"image={get_testdata_file('CT_small.dcm')}", "prompt=Is there a pleural effusion?",
+                   f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt")  # fmt: skip
+    answer = runner.Evaluator(cfg).run()["answer"]
+    assert capsys.readouterr().out.strip().endswith(answer)
+    bad = make_cfg(ws, tmp_path, f"image={tmp_path}/missing.dcm", "prompt=x")
+    with pytest.raises(Exception, match="missing.dcm: image file not found"):
+        runner.Evaluator(bad).run()
 
 
 @pytest.mark.slow

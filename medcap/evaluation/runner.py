@@ -217,6 +217,22 @@ class Evaluator:
             for k, ans in zip(keep, answers):
                 yield chunk[k], descriptions[k], ans
 
+    def answer_one(self, image: str, prompt: str) -> str:
+        """Single-image inference: ``image=scan.dcm prompt="..."`` prints the answer."""
+        ckpts = expand_checkpoints(self.cfg.get("vision_checkpoint"))
+        if len(ckpts) > 1:
+            raise ValueError("image= takes one vision_checkpoint, not a glob or a list")
+        self.load(ckpts[0])
+        load_image(image)  # a clear error now, not inside generation
+        self.skipped = 0
+        item = EvalItem(0, Path(image), [_user(Path(image), prompt)], "")
+        results = list(self.answer([item], two_turn=False))
+        if not results:
+            raise ValueError(f"the prompt is longer than dataset_max_seq_len={self.max_seq_len}")
+        answer = results[0][2]
+        print(answer)
+        return answer
+
     # ------------------------------------------------------------ tasks
     def run_task(
         self, name: str, items: list[EvalItem], csv_path: Path, two_turn: bool
@@ -256,6 +272,8 @@ class Evaluator:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        if cfg.get("image"):
+            return {"answer": self.answer_one(cfg.image, cfg.get("prompt") or DESCRIBE)}
         tasks = []
         if cfg.get("test_metrics"):
             require_java()
@@ -298,8 +316,9 @@ class Evaluator:
                 summary.update(checkpoint=str(ckpt) if ckpt else None, seconds=round(time.perf_counter() - start, 1),
                                vqa_mode=self.vqa_mode if name != "captions" else None,
                                skipped_too_long=self.skipped)  # fmt: skip
-                atomic_write_json(csv_path.with_suffix(".json"), summary, indent=2)
-                results[f"{name}/{tag}"] = summary
+                results.setdefault(tag, {})[name] = summary
+                # every task of this checkpoint so far, beside the CSVs
+                atomic_write_json(self.output_dir / f"metrics_{tag}.json", results[tag], indent=2)
                 self.report(name, tag, summary)
         return results
 
