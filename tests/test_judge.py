@@ -173,12 +173,33 @@ def test_torchtune_backend_on_a_tiny_meta_checkpoint(tmp_path, llama3_tokenizer_
     assert json.loads((tmp_path / "tight_70B_summary.json").read_text())["all"]["too_long"] == 4
 
 
-def test_torchrun_two_processes_tensor_parallel_gives_identical_files(tmp_path, llama3_tokenizer_path):
+def split_meta(single: Path, out: Path, n: int) -> Path:
+    """Meta's model-parallel layout: each sharded weight cut along its split dimension."""
+    from medcap.models.llms import _shard_dim
+
+    state = torch.load(single / "consolidated.00.pth", weights_only=True)
+    out.mkdir()
+    for rank in range(n):
+        shard = {
+            k: v if _shard_dim(k) is None else v.chunk(n, dim=_shard_dim(k))[rank].clone()
+            for k, v in state.items()
+        }
+        torch.save(shard, out / f"consolidated.{rank:02d}.pth")
+    (out / "params.json").write_text((single / "params.json").read_text())
+    return out
+
+
+@pytest.mark.parametrize("files", [1, 2])
+def test_torchrun_two_processes_tensor_parallel_gives_identical_files(tmp_path, llama3_tokenizer_path, files):
+    """Two tensor-parallel processes (gloo) reply as one process does, from one consolidated file
+    or from two model-parallel shards (each rank slicing, nothing merged whole)."""
     import shutil
     import subprocess
 
     spec = TinyLlama(vocab_size=128256, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
     ckpt = write_meta_checkpoint(make_hf_llama(spec, seed=0), spec, tmp_path / "llama")
+    if files == 2:
+        ckpt = split_meta(ckpt, tmp_path / "llama2", 2)
     one = write_eval_csv(tmp_path / "one.csv")
     two = tmp_path / "two.csv"
     shutil.copyfile(one, two)
@@ -200,24 +221,25 @@ def test_torchrun_two_processes_tensor_parallel_gives_identical_files(tmp_path, 
 
 def test_meta_shards_merge(tmp_path):
     """Meta ships 70B as 8 model-parallel shards: split a tiny checkpoint in two and reload."""
-    from medcap.models.llms import META_SHARD_DIMS, _shard_dim, load_meta_llama
+    from medcap.models.llms import META_SHARD_DIMS, load_meta_llama
 
     spec = TinyLlama(vocab_size=512, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=128)
     single = write_meta_checkpoint(make_hf_llama(spec, seed=2), spec, tmp_path / "one")
     state = torch.load(single / "consolidated.00.pth", weights_only=True)
     assert META_SHARD_DIMS
-    two = tmp_path / "two"
-    two.mkdir()
-    for rank in range(2):
-        shard = {}
-        for k, v in state.items():
-            dim = _shard_dim(k)
-            shard[k] = v if dim is None else v.chunk(2, dim=dim)[rank].clone()
-        torch.save(shard, two / f"consolidated.0{rank}.pth")
-    (two / "params.json").write_text((single / "params.json").read_text())
+    two = split_meta(single, tmp_path / "two", 2)
     tokens = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
         assert torch.equal(load_meta_llama(single)(tokens), load_meta_llama(two)(tokens))
+
+    from medcap.models.llms import ShardPieces, merge_meta_shards
+
+    shards = [torch.load(two / f"consolidated.0{r}.pth", weights_only=True) for r in range(2)]
+    pieces = merge_meta_shards(shards)["layers.0.attention.wo.weight"]  # split along dim 1
+    assert isinstance(pieces, ShardPieces) and pieces.shape == state["layers.0.attention.wo.weight"].shape
+    full = state["layers.0.attention.wo.weight"]
+    assert torch.equal(pieces.slice(1, 16, 48), full[:, 16:48])  # across the two files
+    assert torch.equal(pieces.slice(0, 8, 24), full[8:24])
 
 
 def test_chat_ends_on_q():

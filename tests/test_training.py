@@ -305,3 +305,25 @@ def test_fsdp2_two_processes_train_and_checkpoint_loads_single_process(workspace
     decoder = load_tiny_decoder(SPEC, workspace["llm"], "meta", tmp_path / "x")
     model = build_medcap_model(decoder, image_token_id=400, vision="vit_tiny", vision_checkpoint=ckpt_path)
     assert torch.equal(model.visual.tower.state_dict()["conv1.weight"], ckpt["visual"]["conv1.weight"])
+
+
+def test_optimizer_choices():
+    """AdamW is fused on CUDA only; bitsandbytes' 8-bit AdamW steps on one device and is refused
+    under FSDP2 (it fails on sharded parameters)."""
+    from omegaconf import OmegaConf
+
+    from medcap.training import build_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(64, 64))]
+    adamw = build_optimizer(
+        OmegaConf.create({"_component_": "torch.optim.AdamW", "lr": 1e-3}), params, torch.device("cpu"), False
+    )
+    assert not adamw.defaults.get("fused")
+    bnb_cfg = OmegaConf.create({"_component_": "bitsandbytes.optim.AdamW8bit", "lr": 1e-3})
+    opt = build_optimizer(bnb_cfg, params, torch.device("cpu"), False)
+    before = params[0].detach().clone()
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert not torch.equal(before, params[0])
+    with pytest.raises(ValueError, match="cannot run under FSDP2"):
+        build_optimizer(bnb_cfg, params, torch.device("cpu"), True)

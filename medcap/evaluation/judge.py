@@ -258,9 +258,9 @@ class TorchtuneBackend:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import parallelize_module
         from torchtune.models.llama3._parallelism import base_llama_tp_plan
-        from torchtune.training import load_from_full_model_state_dict, prepare_mha_for_tp, set_default_dtype
+        from torchtune.training import prepare_mha_for_tp, set_default_dtype
 
-        from medcap.models.llms import meta_llama_parts, rope_init
+        from medcap.models.llms import load_tensor_parallel_, meta_llama_parts, rope_init
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
@@ -272,9 +272,7 @@ class TorchtuneBackend:
             model = build()
         prepare_mha_for_tp(model, mesh)
         parallelize_module(model, mesh, base_llama_tp_plan())
-        load_from_full_model_state_dict(
-            model, {k: v.to(dtype) for k, v in state.items()}, self.device, strict=True
-        )
+        load_tensor_parallel_(model, state, self.device, dtype)
         with self.device:
             rope_init(model)
         return model

@@ -80,15 +80,46 @@ def _shard_dim(key: str) -> int | None:
     return None
 
 
+class ShardPieces:
+    """One weight as Meta's model-parallel files hold it: pieces along ``dim``, memory-mapped and
+    never concatenated whole unless asked, so a tensor-parallel rank reads only its slice."""
+
+    def __init__(self, parts: list[torch.Tensor], dim: int):
+        self.parts, self.dim = parts, dim
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        self.shape, self.dtype = torch.Size(shape), parts[0].dtype
+
+    def full(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=self.dim)
+
+    def slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        if dim != self.dim:
+            return torch.cat([p.narrow(dim, start, stop - start) for p in self.parts], dim=self.dim)
+        out, offset = [], 0
+        for part in self.parts:
+            size = part.shape[dim]
+            lo, hi = max(start, offset), min(stop, offset + size)
+            if lo < hi:
+                out.append(part.narrow(dim, lo - offset, hi - lo))
+            offset += size
+        return torch.cat(out, dim=dim)
+
+
 def merge_meta_shards(shards: list[dict]) -> dict:
-    """Meta's ``consolidated.00.pth`` ... ``consolidated.NN.pth`` -> one state dict."""
+    """Meta's ``consolidated.00.pth`` ... ``consolidated.NN.pth`` -> one state dict whose split
+    weights are ``ShardPieces`` (call ``materialize`` for plain tensors)."""
     if len(shards) == 1:
         return dict(shards[0])
     merged = {}
     for key in shards[0]:
         dim = _shard_dim(key)
-        merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim=dim)
+        merged[key] = shards[0][key] if dim is None else ShardPieces([s[key] for s in shards], dim)
     return merged
+
+
+def materialize(state: dict) -> dict:
+    return {k: v.full() if isinstance(v, ShardPieces) else v for k, v in state.items()}
 
 
 def meta_llama_parts(
@@ -109,7 +140,7 @@ def meta_llama_parts(
         if not files:
             raise FileNotFoundError(f"{ckpt_dir}: no consolidated.*.pth files")
         shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
-        state = meta_to_tune(merge_meta_shards(shards))
+        state = meta_to_tune(merge_meta_shards(shards))  # keys only: pieces stay lazy
         dims = dict(vocab_size=params["vocab_size"], num_layers=params["n_layers"], num_heads=params["n_heads"],
                     num_kv_heads=params.get("n_kv_heads", params["n_heads"]), embed_dim=params["dim"],
                     norm_eps=params.get("norm_eps", 1e-5), rope_base=params.get("rope_theta", 500000.0))  # fmt: skip
@@ -151,7 +182,50 @@ def meta_llama_parts(
 def load_meta_llama(ckpt_dir: str | Path, max_seq_len: int = 8192) -> TransformerDecoder:
     """A Llama folder (Meta or HF format) as a torchtune decoder on the CPU (one process)."""
     build, state, dtype = meta_llama_parts(ckpt_dir, max_seq_len)
-    return decoder_from_state(build, state, dtype, f"Meta checkpoint in {ckpt_dir}")
+    return decoder_from_state(build, materialize(state), dtype, f"checkpoint in {ckpt_dir}")
+
+
+def load_tensor_parallel_(
+    model: TransformerDecoder, state: dict, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Give a tensor-parallel decoder (DTensor parameters on the meta device) its weights, each
+    rank reading only its own slice of each sharded weight."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint lacks {missing[:5]}")
+    local_state = {}
+    for key, param in expected.items():
+        source = state[key]
+        if isinstance(param, DTensor) and isinstance(param.placements[0], Shard):
+            dim = param.placements[0].dim
+            mesh = param.device_mesh
+            world, rank = mesh.size(), mesh.get_local_rank()
+            size = source.shape[dim]
+            if size % world:
+                raise ValueError(
+                    f"{key}: dimension {dim} of size {size} does not split over {world} processes"
+                )
+            step = size // world
+            piece = (
+                source.slice(dim, rank * step, (rank + 1) * step)
+                if isinstance(source, ShardPieces)
+                else source.narrow(dim, rank * step, step)
+            )
+            local_state[key] = DTensor.from_local(
+                piece.to(device, dtype).contiguous(), mesh, param.placements, run_check=False
+            )
+        else:
+            full = source.full() if isinstance(source, ShardPieces) else source
+            if isinstance(param, DTensor):
+                local_state[key] = DTensor.from_local(
+                    full.to(device, dtype), param.device_mesh, param.placements, run_check=False
+                )
+            else:
+                local_state[key] = full.to(device, dtype)
+    model.load_state_dict(local_state, strict=True, assign=True)
 
 
 def rope_init(decoder: torch.nn.Module) -> None:
