@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
 from medcap.data.dataset import image_token_id, resolve_dataset_component
-from medcap.models.checkpoints import atomic_save, safe_load
+from medcap.models.checkpoints import safe_load
 from medcap.models.fusion import MedcapModel, build_medcap_model
 from medcap.models.llms import decoder_from_state
 
@@ -108,10 +108,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _as_tuple(obj: Any) -> Any:
     """random.setstate wants tuples; a weights_only load returns lists."""
     return tuple(_as_tuple(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
-
-
-def save_recipe_state(path: Path, state: dict[str, Any]) -> Path:
-    return atomic_save(state, path)
 
 
 def load_recipe_state(path: Path) -> dict[str, Any]:

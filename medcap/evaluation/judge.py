@@ -25,7 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from medcap.evaluation.vqa import normalize_answer
-from medcap.io import atomic_write, atomic_write_json
+from medcap.io import ResumableCSV, atomic_write, atomic_write_json
 
 # The original's prompt, in its meaning: reply only RIGHT or WRONG; Question / Our answer /
 # Correct answer. A --template file may replace it ({question}, {prediction}, {answer}).
@@ -123,27 +123,16 @@ def run_judge(
     csv_path = Path(csv_path)
     out_path, acc_path, summary_path = output_paths(csv_path)
     items = read_items(csv_path)
-    done: dict[int, dict[str, str]] = {}
-    if out_path.exists():
-        with open(out_path, newline="", encoding="utf-8") as f:
-            done = {int(r["index"]): r for r in csv.DictReader(f) if (r.get("index") or "").isdigit()}
-    todo = [it for it in items if it.index not in done]
-    new_file = not out_path.exists()
-    with open(out_path if write_files else os.devnull, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=OUT_COLUMNS)
-        if new_file:
-            writer.writeheader()
+    with ResumableCSV(out_path, OUT_COLUMNS, write=write_files) as out:
+        todo = [it for it in items if it.index not in out.done]
         bar = tqdm(
             total=len(items), initial=len(items) - len(todo), desc="judging", unit="item", dynamic_ncols=True
         )
 
         def write(it: JudgeItem, prompt: str, reply: str, verdict: str) -> None:
-            row = {"image": it.image, "instruction": prompt, "generated": reply, "verdict": verdict,
-                   "answer_type": it.answer_type, "index": it.index, "qid": it.qid, "question": it.question,
-                   "prediction": it.prediction, "answer": it.answer}  # fmt: skip
-            writer.writerow(row)
-            f.flush()
-            done[it.index] = {k: str(v) for k, v in row.items()}
+            out.add({"image": it.image, "instruction": prompt, "generated": reply, "verdict": verdict,
+                     "answer_type": it.answer_type, "index": it.index, "qid": it.qid, "question": it.question,
+                     "prediction": it.prediction, "answer": it.answer})  # fmt: skip
             bar.update(1)
 
         queue = []
@@ -160,6 +149,7 @@ def run_judge(
             for (it, prompt), reply in zip(chunk, backend([p for _, p in chunk])):
                 write(it, prompt, reply, parse_verdict(reply))
         bar.close()
+    done = out.done
     rows = [done[it.index] for it in items if it.index in done]
     summary = summarize(rows)
     if not write_files:

@@ -5,7 +5,6 @@ they go, so a rerun resumes) and score them. The LLM is loaded once for all chec
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import re
@@ -28,7 +27,7 @@ from medcap.data.sources import read_slake, read_vqarad
 from medcap.evaluation.captioning import SPICE_SKIPPED, caption_metrics, require_java
 from medcap.evaluation.vqa import score_item, summarize
 from medcap.generation import generate
-from medcap.io import atomic_write, atomic_write_json
+from medcap.io import ResumableCSV, atomic_write, atomic_write_json
 from medcap.models.checkpoints import load_vision_checkpoint
 from medcap.models.fusion import build_medcap_model
 from medcap.training import build_llm, resolve_precision
@@ -103,14 +102,6 @@ def vqa_items(kind: str, root: str | Path, answer_types: list[str]) -> list[Eval
         if it.extra["answer_type"] in wanted:
             out.append(EvalItem(i, it.image, [_user(it.image, it.prompt)], it.answer, it.extra))
     return out
-
-
-def read_done(path: Path) -> dict[int, dict[str, str]]:
-    """Rows already written by an earlier, interrupted run."""
-    if not path.exists():
-        return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        return {int(row["index"]): row for row in csv.DictReader(f) if (row.get("index") or "").isdigit()}
 
 
 class Evaluator:
@@ -238,15 +229,9 @@ class Evaluator:
         self, name: str, items: list[EvalItem], csv_path: Path, two_turn: bool
     ) -> list[dict[str, str]]:
         """Generate what the CSV does not hold yet, appending row by row; return all rows."""
-        done = read_done(csv_path)
-        todo = [it for it in items if it.index not in done]
         self.skipped = 0
-        new_file = not csv_path.exists()
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS + EXTRA_COLUMNS)
-            if new_file:
-                writer.writeheader()
+        with ResumableCSV(csv_path, CSV_COLUMNS + EXTRA_COLUMNS) as out:
+            todo = [it for it in items if it.index not in out.done]
             bar = tqdm(
                 total=len(items), initial=len(items) - len(todo), desc=name, unit="item", dynamic_ncols=True
             )
@@ -259,11 +244,10 @@ class Evaluator:
                 }  # fmt: skip
                 if row["answer_type"]:
                     row["score"] = json.dumps(score_item(generated, it.reference, row["answer_type"]))
-                writer.writerow(row)
-                f.flush()
-                done[it.index] = {k: str(v) for k, v in row.items()}
+                out.add(row)
                 bar.update(1)
             bar.close()
+        done = out.done
         if self.skipped:
             tqdm.write(
                 f"{name}: {self.skipped} items skipped: prompt longer than dataset_max_seq_len={self.max_seq_len}"
@@ -280,24 +264,10 @@ class Evaluator:
             tasks.append(("captions", "test_out_{}.csv", caption_items(cfg.dataset_source), False))
         answer_types = list(cfg.get("answer_types") or ["CLOSED", "OPEN"])
         two_turn = self.vqa_mode == "describe_then_answer"
-        if cfg.get("test_slake"):
-            tasks.append(
-                (
-                    "slake",
-                    "test_out_slake_{}.csv",
-                    vqa_items("slake", cfg.dataset_source, answer_types),
-                    two_turn,
-                )
-            )
-        if cfg.get("test_vqarad"):
-            tasks.append(
-                (
-                    "vqarad",
-                    "test_out_vqarad_{}.csv",
-                    vqa_items("vqarad", cfg.dataset_source, answer_types),
-                    two_turn,
-                )
-            )
+        for kind in ("slake", "vqarad"):
+            if cfg.get(f"test_{kind}"):
+                items = vqa_items(kind, cfg.dataset_source, answer_types)
+                tasks.append((kind, f"test_out_{kind}_{{}}.csv", items, two_turn))
         if not tasks:
             raise ValueError(
                 "nothing to evaluate: set test_metrics=True, test_slake=True or test_vqarad=True"
