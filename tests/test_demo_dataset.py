@@ -1,0 +1,63 @@
+"""The demo's mini SLAKE from shipped images: SLAKE's own format, read by the real converters and
+readers, balanced closed questions, and no source shared between train and test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+SLAKE_FIELDS = {"img_id", "img_name", "question", "answer", "q_lang", "location", "modality", "answer_type",
+                "base_type", "content_type", "triple", "qid"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from medcap.data.demo_slake import build
+
+    root = tmp_path_factory.mktemp("demo") / "SLAKE"
+    return root, build(root, seed=0)
+
+
+def test_slake_format_and_real_readers(demo, tmp_path):
+    from medcap.data.sources import read_slake, read_slake_text
+
+    root, counts = demo
+    rows = json.loads((root / "test.json").read_text())
+    assert rows and all(set(r) == SLAKE_FIELDS for r in rows)
+    assert all((root / "imgs" / r["img_name"]).is_file() for r in rows)
+    assert len(read_slake(root, "test")) == counts["test_questions"] > 20
+    assert len(read_slake(root, "val")) == counts["validate_questions"]
+    assert len(read_slake_text(root, root, "train")) == counts["train_images"]
+    assert len(counts["modalities"]) >= 4  # CT, MRI, X-ray, ultrasound, nuclear medicine
+    spec = importlib.util.spec_from_file_location("c", ROOT / "tools" / "convert_slake_to_sharegpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--data_dir", str(root), "--output_dir", str(tmp_path), "--strict"])
+    assert len(json.loads((tmp_path / "slake_vqa_test.json").read_text())) == counts["test_questions"]
+
+
+def test_closed_answers_are_balanced_and_sources_not_shared(demo):
+    from medcap.data.demo_slake import dicom_sources, split_groups, volume_sources
+
+    root, _ = demo
+    for part in ("train", "test"):
+        closed = Counter(
+            r["answer"]
+            for r in json.loads((root / f"{part}.json").read_text())
+            if r["answer_type"] == "CLOSED"
+        )
+        assert closed["Yes"] == closed["No"] > 0  # a constant answer scores 50%
+    sources = dicom_sources() + volume_sources()
+    split = split_groups(sources, seed=0)
+    assert {"train", "test"} <= set(split.values())
+    by_group: dict[str, set] = {}
+    for s in sources:
+        by_group.setdefault(s.group, set()).add(split[s.group])
+    assert all(len(parts) == 1 for parts in by_group.values())
+    assert split_groups(sources, seed=0) == split  # deterministic

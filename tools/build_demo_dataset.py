@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Build the demo's mini SLAKE from medical images shipped inside Python packages, in SLAKE's own
+on-disk format (imgs/xmlab<N>/source.jpg, train.json, validate.json, test.json) plus SLAKE-text
+captions ({train,validation,test}_text.json). Needs pydicom-data and nilearn (`make demo` installs
+them); nothing is downloaded.
+
+    python tools/build_demo_dataset.py --output_dir demo_output/SLAKE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output_dir", type=Path, default=Path("demo_output/SLAKE"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from medcap.data.demo_slake import build
+
+    counts = build(args.output_dir, seed=args.seed)
+    print(f"wrote {args.output_dir}: {json.dumps(counts)}")
+
+
+if __name__ == "__main__":
+    main()
