@@ -9,16 +9,8 @@ def main(argv=None):
     parser.add_argument("--image_subdir", default="images", help="image folder inside --data_dir")
     parser.add_argument("--seed", type=int, default=0, help="draw of the training instructions")
     args = parser.parse_args(argv)
-    convert_splits(
-        {
-            f"pmcoa_{split}.json": (
-                lambda s=split: read_pmcoa(args.data_dir, s, args.image_subdir, seed=args.seed)
-            )
-            for split in ("train", "val", "test")
-        },
-        args.output_dir,
-        args.strict,
-    )
+    read = lambda s: read_pmcoa(args.data_dir, s, args.image_subdir, seed=args.seed)  # noqa: E731
+    convert_splits("pmcoa", read, args.output_dir, args.strict)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="draw of the training instructions")
     args = parser.parse_args(argv)
     convert_splits(
-        {
-            f"rocov2_{split}.json": (lambda s=split: read_rocov2(args.data_dir, s, seed=args.seed))
-            for split in ("train", "val", "test")
-        },
-        args.output_dir,
-        args.strict,
+        "rocov2", lambda s: read_rocov2(args.data_dir, s, seed=args.seed), args.output_dir, args.strict
     )
 
 

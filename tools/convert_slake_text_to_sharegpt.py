@@ -16,16 +16,8 @@ def main(argv=None):
         from pathlib import Path
 
         text_dir = "./datasets/SLAKE-text" if Path("./datasets/SLAKE-text").is_dir() else args.data_dir
-    convert_splits(
-        {
-            f"slake_{split}.json": (
-                lambda s=split: read_slake_text(args.data_dir, text_dir, s, seed=args.seed)
-            )
-            for split in ("train", "val", "test")
-        },
-        args.output_dir,
-        args.strict,
-    )
+    read = lambda s: read_slake_text(args.data_dir, text_dir, s, seed=args.seed)  # noqa: E731
+    convert_splits("slake", read, args.output_dir, args.strict)
 
 
 if __name__ == "__main__":

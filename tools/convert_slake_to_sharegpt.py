@@ -11,14 +11,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     lang = None if args.lang == "all" else args.lang
-    convert_splits(
-        {
-            f"slake_vqa_{split}.json": (lambda s=split: read_slake(args.data_dir, s, lang))
-            for split in ("train", "val", "test")
-        },
-        args.output_dir,
-        args.strict,
-    )
+    convert_splits("slake_vqa", lambda s: read_slake(args.data_dir, s, lang), args.output_dir, args.strict)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,7 @@ from medcap.data.sources import convert_splits, converter_args, exit_on_source_e
 def main(argv=None):
     args = converter_args(__doc__, "./datasets/VQA_RAD").parse_args(argv)
     convert_splits(
-        {
-            f"vqarad_{split}.json": (lambda s=split: read_vqarad(args.data_dir, s))
-            for split in ("train", "test")
-        },
-        args.output_dir,
-        args.strict,
+        "vqarad", lambda s: read_vqarad(args.data_dir, s), args.output_dir, args.strict, ("train", "test")
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,12 +312,17 @@ def write_sharegpt(items: list[Item], output: str | Path, strict: bool = False) 
 
 
 def convert_splits(
-    readers: dict[str, Any], output_dir: str | Path, strict: bool = False
+    prefix: str,
+    read: Callable[[str], list[Item]],
+    output_dir: str | Path,
+    strict: bool = False,
+    splits: tuple[str, ...] = ("train", "val", "test"),
 ) -> list[ConvertReport]:
-    """``{output file name: () -> items}``: read and check every split before writing any, so a
-    failed run (bad schema, or a missing image with ``strict``) leaves no partial output."""
+    """``read(split)`` for each split -> ``{prefix}_{split}.json``. Every split is read and
+    checked before any is written, so a failed run (bad schema, or a missing image with
+    ``strict``) leaves no partial output."""
     output_dir = Path(output_dir)
-    loaded = {name: read() for name, read in readers.items()}
+    loaded = {f"{prefix}_{split}.json": read(split) for split in splits}
     for name, items in loaded.items():
         _check_images(items, name, strict)
     reports = [write_sharegpt(items, output_dir / name) for name, items in loaded.items()]
