@@ -214,7 +214,6 @@ class Evaluator:
         if len(ckpts) > 1:
             raise ValueError("image= takes one vision_checkpoint, not a glob or a list")
         self.load(ckpts[0])
-        load_image(image)  # a clear error now, not inside generation
         self.skipped = 0
         item = EvalItem(0, Path(image), [_user(Path(image), prompt)], "")
         results = list(self.answer([item], two_turn=False))
