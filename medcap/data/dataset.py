@@ -10,7 +10,7 @@ medcap trained on the instruction too); image positions never carry loss.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ class ImageChatDataset(Dataset):
     def __init__(
         self,
         tokenizer: Any,
-        source: str | Path,
+        source: str | Path | Sequence[str | Path],
         *,
         num_image_tokens: int,
         image_transform: Callable | None = None,
@@ -95,8 +95,14 @@ class ImageChatDataset(Dataset):
         image_dir: str | Path | None = None,
         strict: bool = False,
     ):
-        self.source = Path(source)
-        self.records = read_records(self.source)
+        # several files (VQA and captions, say) read as one: each record keeps its own file
+        sources = [source] if isinstance(source, (str, Path)) else list(source)
+        if not sources:
+            raise ValueError("dataset source: no file given")
+        self.sources = [Path(s) for s in sources]
+        self.records: list[tuple[Path, dict[str, Any], int]] = [
+            (path, rec, i) for path in self.sources for i, rec in enumerate(read_records(path))
+        ]
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.image_transform = image_transform
@@ -116,10 +122,11 @@ class ImageChatDataset(Dataset):
         return len(self.records)
 
     def chat(self, index: int) -> ChatRecord:
+        path, record, number = self.records[index]
         return record_to_chat(
-            self.records[index],
-            index,
-            source=self.source,
+            record,
+            number,
+            source=path,
             image_dir=self.image_dir,
             train_on_input=self.train_on_input,
             new_system_prompt=self.new_system_prompt,
@@ -130,7 +137,7 @@ class ImageChatDataset(Dataset):
             return None
         if self.image_transform is None:
             raise ValueError(
-                f"{self.source}, record {chat.index}: has an image but no image_transform was given"
+                f"{chat.source}, record {chat.index}: has an image but no image_transform was given"
             )
         return torch.stack([self.image_transform(load_image(p, record=chat.index)) for p in chat.images])
 
@@ -142,7 +149,7 @@ class ImageChatDataset(Dataset):
         if isinstance(fitted, str):
             if self.strict:
                 raise SampleTooLongError(
-                    f"{self.source}, record {index}: {len(tokens)} tokens; {fitted} ({self.max_seq_len})"
+                    f"{chat.source}, record {chat.index}: {len(tokens)} tokens; {fitted} ({self.max_seq_len})"
                 )
             return None
         tokens, labels = fitted
@@ -152,7 +159,7 @@ class ImageChatDataset(Dataset):
 def chat_dataset(
     tokenizer: Any,
     *,
-    source: str,
+    source: str | Sequence[str],
     num_image_tokens: int,
     image_transform: Callable | None = None,
     max_seq_len: int | None = None,

@@ -45,6 +45,7 @@ class ChatRecord:
     messages: list[Message]
     images: list[Path]
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None  # the file it came from, for error messages
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -173,4 +174,4 @@ def record_to_chat(
         raise RecordError(f"{where}: no assistant turn to learn from")
 
     metadata = {k: v for k, v in rec.items() if k not in CHAT_KEYS and k not in IMAGE_KEYS}
-    return ChatRecord(index=index, messages=messages, images=images, metadata=metadata)
+    return ChatRecord(index=index, messages=messages, images=images, metadata=metadata, source=source)
