@@ -21,8 +21,9 @@ from torchtune import config, modules, training
 from tqdm import tqdm
 
 from medcap.data.collate import build_dataloader
+from medcap.io import atomic_write_json
 from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoint_payload
-from medcap.models.fusion import IGNORE_INDEX, count_parameters
+from medcap.models.fusion import IGNORE_INDEX, count_parameters, frozen_fingerprint
 from medcap.training import (
     RECIPE_STATE,
     build_dataset,
@@ -122,10 +123,12 @@ class VisionFinetuneRecipe:
             for layer in model.decoder.layers:
                 layer.compile()
         self.model = self._place(model)
+        # opt-in (hashing an 8B LLM takes a while): proves at the end that the frozen LLM is untouched
+        self.frozen_before = frozen_fingerprint(self.model) if cfg.get("verify_frozen_llm", False) else None
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg.optimizer, params, self.device, self.distributed)
-        self.dataset = build_dataset(cfg.dataset, self.tokenizer, self.model)
+        self.dataset = build_dataset(cfg.dataset, self.tokenizer, self.model, cfg.get("image_augment"))
         self.loader, self.sampler = build_dataloader(
             self.dataset,
             batch_size=cfg.batch_size,
@@ -352,10 +355,21 @@ class VisionFinetuneRecipe:
         else:
             peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
         final = f"{self.history[-1][1]:.4f}" if self.history else "n/a"
+        if self.frozen_before is not None:
+            self._check_frozen()
         self._print(
             f"done: {self.global_step} steps in {elapsed:.1f} s, final loss {final}, peak memory {peak}"
             + (f", loss curve {curve}" if curve else "")
         )
+
+    def _check_frozen(self) -> None:
+        after = frozen_fingerprint(self.model)
+        unchanged = after == self.frozen_before
+        atomic_write_json(Path(self.cfg.output_dir) / "frozen_llm.json",
+                          {"before": self.frozen_before, "after": after, "unchanged": unchanged}, indent=2)  # fmt: skip
+        if not unchanged:
+            raise RuntimeError("the frozen LLM's weights changed during training (verify_frozen_llm): a bug")
+        self._print(f"frozen LLM bitwise unchanged (sha256 {after[:16]}...)")
 
     def cleanup(self) -> None:
         if self.metric_logger is not None:

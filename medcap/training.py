@@ -64,15 +64,18 @@ def build_model(cfg: DictConfig, tokenizer: Any, checkpointer: Any, llm_dtype: t
     return model
 
 
-def build_dataset(cfg_dataset: DictConfig, tokenizer: Any, model: MedcapModel):
-    """Instantiate ``cfg.dataset``, mapping the original's torchtune ``chat_dataset`` to medcap's."""
+def build_dataset(cfg_dataset: DictConfig, tokenizer: Any, model: MedcapModel, augment: Any = None):
+    """Instantiate ``cfg.dataset``, mapping the original's torchtune ``chat_dataset`` to medcap's;
+    ``augment`` (the config's ``image_augment``) turns on open_clip's training augmentation."""
+    if augment is not None and not isinstance(augment, dict):
+        augment = OmegaConf.to_container(augment, resolve=True)
     cfg_dataset = cfg_dataset.copy()
     cfg_dataset._component_ = resolve_dataset_component(cfg_dataset._component_)
     return config.instantiate(
         cfg_dataset,
         tokenizer,
         num_image_tokens=model.num_image_tokens,
-        image_transform=model.visual.preprocess.transform(),
+        image_transform=model.visual.preprocess.transform(augment),
     )
 
 

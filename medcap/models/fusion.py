@@ -8,6 +8,7 @@ count against the image-token count (torchtune silently misaligns when there are
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -161,6 +162,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         else:
             frozen += p.numel()
     return trainable, frozen
+
+
+def frozen_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every frozen parameter's name and bytes (this process's shard under FSDP2):
+    equal before and after training proves the LLM was not touched."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        t = p.detach()
+        t = t.to_local() if hasattr(t, "to_local") else t
+        digest.update(name.encode())
+        digest.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def build_medcap_model(

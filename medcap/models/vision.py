@@ -8,6 +8,7 @@ network. Only the image tower is ever built: BiomedCLIP's text tower needs a BER
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from open_clip.factory import load_state_dict as _open_clip_load_state_dict
 from open_clip.model import _build_vision_tower
 from open_clip.timm_model import TimmModel
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
@@ -67,8 +68,11 @@ class Preprocess:
             resize_mode=base["resize_mode"],
         )
 
-    def transform(self) -> Callable:
-        """PIL image -> normalised [3, size, size] tensor (resize shortest side, centre crop)."""
+    def transform(self, augment: dict[str, Any] | None = None) -> Callable:
+        """PIL image -> normalised [3, size, size] tensor (resize shortest side, centre crop).
+        ``augment``: open_clip's training augmentation (``AugmentationCfg`` fields: ``scale`` of
+        the random resized crop, ``color_jitter`` + ``color_jitter_prob``, ...); no flips, since
+        left and right mean something in a radiograph."""
         cfg = PreprocessCfg(
             size=self.size,
             mean=self.mean,
@@ -76,6 +80,10 @@ class Preprocess:
             interpolation=self.interpolation,
             resize_mode=self.resize_mode,
         )
+        if augment:
+            with warnings.catch_warnings():  # open_clip warns about the colour items it does use
+                warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+                return image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(**dict(augment)))
         return image_transform_v2(cfg, is_train=False)
 
     def to_open_clip(self) -> dict[str, Any]:
