@@ -94,11 +94,12 @@ def caption_items(source: str | Path) -> list[EvalItem]:
     return items
 
 
-def vqa_items(kind: str, root: str | Path, answer_types: list[str]) -> list[EvalItem]:
+def vqa_items(kind: str, root: str | Path, answer_types: list[str], split: str = "test") -> list[EvalItem]:
+    """``split`` "val" answers the validation questions: tune there, report on test."""
     reader = {"slake": read_slake, "vqarad": read_vqarad}[kind]
     wanted = {t.strip().upper() for t in answer_types}
     out = []
-    for i, it in enumerate(reader(root, "test")):
+    for i, it in enumerate(reader(root, split)):
         if it.extra["answer_type"] in wanted:
             out.append(EvalItem(i, it.image, [_user(it.image, it.prompt)], it.answer, it.extra))
     return out
@@ -263,9 +264,14 @@ class Evaluator:
             tasks.append(("captions", "test_out_{}.csv", caption_items(cfg.dataset_source), False))
         answer_types = list(cfg.get("answer_types") or ["CLOSED", "OPEN"])
         two_turn = self.vqa_mode == "describe_then_answer"
+        split = str(cfg.get("eval_split") or "test")
+        if split not in ("test", "val", "train"):
+            raise ValueError(f"eval_split={split!r}; expected test, val or train")
+        if split == "val" and cfg.get("test_vqarad"):
+            raise ValueError("eval_split=val: VQA-RAD has no validation split (hold one out of its training questions)")
         for kind in ("slake", "vqarad"):
             if cfg.get(f"test_{kind}"):
-                items = vqa_items(kind, cfg.dataset_source, answer_types)
+                items = vqa_items(kind, cfg.dataset_source, answer_types, split)
                 tasks.append((kind, f"test_out_{kind}_{{}}.csv", items, two_turn))
         if not tasks:
             raise ValueError(
@@ -286,10 +292,17 @@ class Evaluator:
                                vqa_mode=self.vqa_mode if name != "captions" else None,
                                skipped_too_long=self.skipped)  # fmt: skip
                 results.setdefault(tag, {})[name] = summary
-                # every task of this checkpoint so far, beside the CSVs
-                atomic_write_json(self.output_dir / f"metrics_{tag}.json", results[tag], indent=2)
+                self.write_metrics(tag, results[tag])
                 self.report(name, tag, summary)
         return results
+
+    def write_metrics(self, tag: str, tasks: dict[str, Any]) -> None:
+        """``metrics_{tag}.json`` beside the CSVs: every task of this checkpoint so far, merged
+        with what an earlier run of other tasks (captions, then SLAKE, say) wrote there."""
+        path = self.output_dir / f"metrics_{tag}.json"
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update(tasks)
+        atomic_write_json(path, merged, indent=2)
 
     def score(self, name: str, rows: list[dict[str, str]], csv_path: Path, tag: str) -> dict[str, Any]:
         if name == "captions":
