@@ -232,3 +232,24 @@ def test_original_dataset_overrides(llama3_tok, data_dir, transform):
     assert ds.max_seq_len == 400 and len(ds) == 1
     with pytest.raises(ValueError, match="conversation_style='alpaca'"):
         chat_dataset(llama3_tok, source=str(path), conversation_style="alpaca", num_image_tokens=N)
+
+
+def test_several_source_files_read_as_one(llama3_tok, data_dir, transform):
+    first = write_json(data_dir / "vqa.json", [qa("Is this a CT?", "Yes"), qa("Which organ?", "Lung")])
+    second = write_json(data_dir / "captions.json", [qa("Describe the image.", "A chest CT.", image="missing.jpg")])
+    ds = chat_dataset(llama3_tok, source=[str(first), str(second)], num_image_tokens=N, image_transform=transform)
+    assert len(ds) == 3 and ds[1]["labels"] != ds[0]["labels"]
+    with pytest.raises(ImageLoadError, match=r"captions\.json|missing\.jpg"):
+        ds[2]
+
+
+def test_training_augmentation_is_random_evaluation_is_not(data_dir):
+    from PIL import Image
+
+    preprocess = build_vision_encoder("vit_tiny").preprocess
+    image = Image.open(data_dir / "img.jpg")
+    augment = preprocess.transform({"scale": (0.5, 1.0), "color_jitter": (0.3, 0.3, 0.0, 0.0), "color_jitter_prob": 1.0})
+    plain = preprocess.transform()
+    assert augment(image).shape == plain(image).shape == (3, 64, 64)
+    assert not augment(image).equal(augment(image))
+    assert plain(image).equal(plain(image))

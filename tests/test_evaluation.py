@@ -232,3 +232,23 @@ def test_original_readme_generate_command(ws, tmp_path, llama3_tokenizer_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(read_csv(result_dir / "test_out_meta_model_0.csv")) == 3
     assert (result_dir / "test_meta_model_0.csv").read_text().startswith("BLEU-1,")
+
+
+def test_eval_split_val_and_metrics_of_separate_runs_merge(ws, tmp_path):
+    import shutil
+
+    from medcap.evaluation import runner
+
+    slake = tmp_path / "SLAKE"
+    shutil.copytree(ws["slake"], slake)
+    (slake / "validate.json").write_text(json.dumps([slake_row(9, 1, "Is this an MRI?", "No", "CLOSED", "Modality")]))
+    ckpt = f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt"
+    out = tmp_path / "out"
+    runner.Evaluator(make_cfg(ws, out, "test_slake=True", "eval_split=val", f"dataset_source={slake}",
+                              "vqa_mode=direct", ckpt)).run()  # fmt: skip
+    assert [r["instruction"] for r in read_csv(out / "test_out_slake_meta_model_0.csv")] == ["Is this an MRI?"]
+    runner.Evaluator(make_cfg(ws, out, "test_metrics=True", f"dataset_source={ws['captions']}", ckpt)).run()
+    metrics = json.loads((out / "metrics_meta_model_0.json").read_text())
+    assert metrics["slake"]["n"] == 1 and metrics["captions"]["n"] == 3  # the second run kept the first's
+    with pytest.raises(ValueError, match="VQA-RAD has no validation split"):
+        runner.Evaluator(make_cfg(ws, out, "test_vqarad=True", "eval_split=val", f"dataset_source={slake}")).run()
