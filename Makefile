@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # This machine's pip.conf names local indexes that may be absent; hide only that noise.
 PIP_QUIET := 2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: demo test test-quick lint install java clean
+.PHONY: demo smoke test test-quick lint install java clean
 
 install: $(STAMP)
 
@@ -33,7 +33,13 @@ java:
 		exit 1; \
 	fi
 
-demo: install
+# the main job: a frozen SmolLM2-135M-Instruct learns to read a mini SLAKE of shipped medical
+# images on the CPU; data and the converted LLM are reused on later runs
+demo: install java
+	$(PY) -m medcap.demo --output_dir demo_output
+
+# medcap's core loop on a tiny random LLM in Meta's format, in seconds
+smoke: install
 	$(PY) -m medcap.smoke --output_dir demo_output/smoke
 
 lint: install

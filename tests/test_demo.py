@@ -1,0 +1,69 @@
+"""A shortened `make demo`: the same commands (converters, medcap run generate / train, report) on
+the real SmolLM2-135M-Instruct and the mini SLAKE, with 3 training steps and 6 items per task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+METRIC_KEYS = {"closed_accuracy", "open_recall", "open_f1", "bleu4", "rouge_l", "cider", "closed_n", "open_n",
+               "caption_n", "closed_yes_no_accuracy", "closed_choice_accuracy"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, smollm2, demo_slake):
+    from medcap.demo import DemoPaths, main
+
+    root = tmp_path_factory.mktemp("demo_run")
+    paths = DemoPaths(root)
+    paths.llm.parent.mkdir(parents=True)
+    paths.llm.symlink_to(smollm2, target_is_directory=True)  # converted once per session
+    paths.slake.symlink_to(demo_slake[0], target_is_directory=True)
+    summary = main(["--output_dir", str(root), "--epochs", "1", "--max_steps_per_epoch", "3", "--limit", "6"])
+    return paths, summary
+
+
+def test_summary_has_both_models_and_the_reference_rates(demo_run):
+    paths, summary = demo_run
+    on_disk = json.loads((paths.root / "summary.json").read_text())
+    assert on_disk["yes_no_majority_rate"] == 0.5  # yes/no questions come in pairs
+    assert on_disk["majority_rate"] == summary["majority_rate"] < 0.5  # choice answers vary
+    assert 0.4 <= on_disk["question_prior_rate"] <= 0.65  # balanced per question text too
+    for name in ("baseline", "trained"):
+        metrics = on_disk[name]
+        assert METRIC_KEYS <= set(metrics)
+        assert metrics["closed_n"] + metrics["open_n"] == 6  # --limit 6
+        assert metrics["caption_n"] == 6
+        assert 0.0 <= metrics["closed_accuracy"] <= 1.0 and metrics["cider"] >= 0.0
+    assert on_disk["training"]["steps"] == 3
+    assert on_disk["training"]["llm_unchanged"] is True
+
+
+def test_report_is_self_contained(demo_run):
+    paths, _ = demo_run
+    html = (paths.root / "report.html").read_text()
+    assert (paths.root / "summary.png").stat().st_size > 10_000
+    assert "src=\"data:image/png;base64," in html and "src=\"data:image/jpeg;base64," in html
+    assert "src=\"http" not in html and "src=\"/" not in html  # nothing outside the file
+    assert "bitwise unchanged" in html
+    assert html.count('class="card"') >= 1  # gallery of held-out images
+
+
+def test_answers_come_from_the_model_and_evaluations_are_fresh(demo_run):
+    paths, _ = demo_run
+    baseline = (paths.eval_dir("baseline") / "test_out_slake_untrained.csv").read_text().splitlines()
+    trained = list((paths.eval_dir("trained")).glob("test_out_slake_meta_model_*.csv"))
+    assert len(baseline) == 7 and len(trained) == 1  # header + 6 rows; the last checkpoint only
+
+
+def test_second_run_reuses_data_and_llm(demo_run, capfd):
+    from medcap.demo import prepare
+
+    paths, _ = demo_run
+    timings: dict[str, float] = {}
+    prepare(paths, timings)
+    out = capfd.readouterr().out
+    assert "already built (reused)" in out and "already converted (reused)" in out
+    assert set(timings) == {"convert_llm"}
