@@ -90,11 +90,15 @@ def reference_rates(slake_root: Path) -> dict[str, float]:
         split: [(it.prompt, it.answer) for it in read_slake(slake_root, split) if it.extra["answer_type"] == "CLOSED"]
         for split in ("train", "test")
     }
-    yes_no = [a for _, a in closed["test"] if normalize_answer(a) in ("yes", "no")]
+    def kind(pairs: list[tuple[str, str]], yes_no: bool) -> list[tuple[str, str]]:
+        return [(q, a) for q, a in pairs if (normalize_answer(a) in ("yes", "no")) == yes_no]
+
     return {
         "majority_rate": majority_rate([a for _, a in closed["test"]]),
-        "yes_no_majority_rate": majority_rate(yes_no),
+        "yes_no_majority_rate": majority_rate([a for _, a in kind(closed["test"], True)]),
         "question_prior_rate": question_prior_rate(closed["train"], closed["test"]),
+        "yes_no_prior_rate": question_prior_rate(kind(closed["train"], True), kind(closed["test"], True)),
+        "choice_prior_rate": question_prior_rate(kind(closed["train"], False), kind(closed["test"], False)),
     }
 
 
@@ -126,6 +130,8 @@ def metrics_table(summary: dict[str, Any]) -> str:
     lines.append(f"{'Majority answer (closed)':<28} {_fmt(summary['majority_rate']):>8}")
     lines.append(f"{'  yes/no questions':<28} {_fmt(summary['yes_no_majority_rate']):>8}")
     lines.append(f"{'Blind answerer (closed)':<28} {_fmt(summary['question_prior_rate']):>8}   per question text, fitted on train")
+    lines.append(f"{'  yes/no questions':<28} {_fmt(summary['yes_no_prior_rate']):>8}")
+    lines.append(f"{'  choice questions':<28} {_fmt(summary['choice_prior_rate']):>8}")
     return "\n".join(lines)
 
 
@@ -244,7 +250,7 @@ def gallery(baseline: dict[str, Any], trained: dict[str, Any]) -> str:
 def write_html(path: Path, summary: dict[str, Any], figure: Path, baseline: dict, trained: dict) -> Path:
     b, t = summary["baseline"], summary["trained"]
     rows = "".join(
-        f"<tr><td>{label}</td><td>{_fmt(b.get(k))}</td><td>{_fmt(t.get(k))}</td><td>{t.get(n)}</td></tr>"
+        f"<tr><td>{label.replace('  ', '&nbsp;&nbsp;')}</td><td>{_fmt(b.get(k))}</td><td>{_fmt(t.get(k))}</td><td>{t.get(n)}</td></tr>"
         for k, label, n in TABLE
     )
     content_rows = "".join(
@@ -269,10 +275,13 @@ no source file or volume with training. Metrics are on the test split; nothing w
 <tr><td>Majority answer (closed)</td><td colspan="2">{_fmt(summary['majority_rate'])}</td><td>{t.get('closed_n')}</td></tr>
 <tr><td>&nbsp;&nbsp;yes/no questions</td><td colspan="2">{_fmt(summary['yes_no_majority_rate'])}</td><td>{t.get('closed_yes_no_n')}</td></tr>
 <tr><td>Blind answerer (closed; best answer per question text, fitted on train)</td><td colspan="2">{_fmt(summary['question_prior_rate'])}</td><td>{t.get('closed_n')}</td></tr>
+<tr><td>&nbsp;&nbsp;yes/no questions</td><td colspan="2">{_fmt(summary['yes_no_prior_rate'])}</td><td>{t.get('closed_yes_no_n')}</td></tr>
+<tr><td>&nbsp;&nbsp;choice questions</td><td colspan="2">{_fmt(summary['choice_prior_rate'])}</td><td>{t.get('closed_choice_n')}</td></tr>
 </table>
 <h3>By content type</h3>
 <table><tr><th>content type</th><th>closed before</th><th>closed after</th><th>n</th><th>open recall before</th><th>open recall after</th><th>n</th></tr>{content_rows}</table>
-<p class="muted">Closed answers are right when the first word is the gold yes/no; open recall is the share of the
+<p class="muted">Compare each kind of closed question with the blind answerer's rate for it: only what
+exceeds that comes from reading the image. Closed answers are right when the first word is the gold yes/no; open recall is the share of the
 gold answer's words found in the answer (LLaVA-Med's measure). Captions: pycocoevalcap (SPICE skipped).
 Greedy decoding. Total run {summary['seconds'].get('total', 0):.0f} s.</p>
 <h2>Held-out test images</h2>

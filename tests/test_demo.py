@@ -31,6 +31,7 @@ def test_summary_has_both_models_and_the_reference_rates(demo_run):
     assert on_disk["yes_no_majority_rate"] == 0.5  # yes/no questions come in pairs
     assert on_disk["majority_rate"] == summary["majority_rate"] < 0.5  # choice answers vary
     assert 0.4 <= on_disk["question_prior_rate"] <= 0.65  # balanced per question text too
+    assert on_disk["yes_no_prior_rate"] is not None and on_disk["choice_prior_rate"] is not None
     for name in ("baseline", "trained"):
         metrics = on_disk[name]
         assert METRIC_KEYS <= set(metrics)
