@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from medcap.data.images import ImageLoadError, load_image
 from medcap.io import atomic_write_json
 
@@ -50,7 +52,7 @@ def dicom_sources() -> list[Source]:
     from pydicom.data import get_testdata_files
 
     out, seen = [], set()
-    for path in sorted(set(get_testdata_files("*.dcm"))):
+    for path in tqdm(sorted(set(get_testdata_files("*.dcm"))), desc="shipped DICOM files", unit="file", dynamic_ncols=True):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - deliberately broken test files are skipped
@@ -232,7 +234,7 @@ def build(output_dir: str | Path, seed: int = 0) -> dict[str, int]:
     # rarer modalities pick their choice distractors first, so the common one can even them out
     frequency = Counter(s.modality for s in sources)
     order = sorted(range(len(sources)), key=lambda n: (frequency[sources[n].modality], n))
-    for n in order:
+    for n in tqdm(order, desc="mini SLAKE images", unit="image", dynamic_ncols=True):
         src = sources[n]
         img = load_image(src.path)
         img.thumbnail((MAX_SIDE, MAX_SIDE))
