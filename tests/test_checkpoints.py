@@ -219,3 +219,15 @@ def test_export_round_trip_through_open_clip(vision, tmp_path, tiny_decoder):
         assert torch.equal(clip.encode_image(x), model.visual.eval()(x).pooled)
     _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     assert f"CenterCrop(size=({size}, {size}))" in repr(preprocess)
+
+
+def test_question_connector_round_trip_is_read_from_the_file(tmp_path, tiny_decoder, tiny_spec):
+    torch.manual_seed(0)
+    model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector="question_mlp",
+                               num_image_tokens=3)  # fmt: skip
+    path = save_vision_checkpoint(model, tmp_path / "meta_model_0.pt", epoch=0, step=1)
+    assert read_vision_checkpoint(path).meta["connector"] == "question_mlp"
+    fresh = build_medcap_model(tiny_spec.torchtune_decoder(), image_token_id=IMAGE_ID, vision="vit_tiny",
+                               vision_checkpoint=path)  # fmt: skip
+    assert fresh.projector.kind == "question_mlp" and fresh.num_image_tokens == 3
+    assert torch.equal(fresh.projector[0].weight, model.projector[0].weight)

@@ -154,3 +154,31 @@ def test_loss_at_label_positions_equals_full_sequence_loss(model):
     assert torch.allclose(full_loss, sparse_loss, atol=1e-5)
     sparse_loss.backward()
     assert model.projector[0].weight.grad is not None
+
+
+def test_question_connector_sees_the_question_never_the_answer(tiny_decoder):
+    torch.manual_seed(0)
+    model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector="question_mlp",
+                               num_image_tokens=N)  # fmt: skip
+    tokens, images = _batch()
+    labels = torch.full_like(tokens, -100)
+    labels[0, 12:20] = tokens[0, 13:21]  # row 0 answers from position 13 on (labels are shifted)
+    labels[2, 15:20] = tokens[2, 16:21]
+
+    def image_tokens(toks):
+        h = model.tok_embeddings(toks.masked_fill(toks == IMAGE_ID, 0))
+        return model.encode_images(images, model.questions(h, toks == IMAGE_ID, labels))
+
+    q = model.questions(model.tok_embeddings(tokens.masked_fill(tokens == IMAGE_ID, 0)), tokens == IMAGE_ID, labels)
+    emb = model.tok_embeddings
+    assert torch.allclose(q[0], emb(tokens[0, 1 + N : 13]).mean(0))  # after the image, up to the answer
+    assert torch.allclose(q[1], emb(tokens[2, 3 + N : 16]).mean(0))
+    changed_answer = tokens.clone()
+    changed_answer[0, 14:] = 7
+    assert torch.equal(image_tokens(changed_answer), image_tokens(tokens))
+    changed_question = tokens.clone()
+    changed_question[0, 1 + N] = (tokens[0, 1 + N] + 1) % 512
+    assert not torch.equal(image_tokens(changed_question)[0], image_tokens(tokens)[0])
+    assert torch.equal(image_tokens(changed_question)[1], image_tokens(tokens)[1])  # rows do not mix
+    logits, targets = model(tokens, images=images, labels=labels)
+    assert logits.shape[0] == targets.shape[0] == 13

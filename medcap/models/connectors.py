@@ -11,7 +11,7 @@ from torch import nn
 
 from medcap.models.vision import VisionFeatures
 
-CONNECTORS = ("cls_mlp", "patch_mlp")
+CONNECTORS = ("cls_mlp", "patch_mlp", "question_mlp")
 DEFAULT_NUM_IMAGE_TOKENS = 32
 
 
@@ -19,6 +19,7 @@ class ClsMLP(nn.Sequential):
     """The original medcap connector: one pooled vector -> N tokens (chunk k is token k)."""
 
     kind = "cls_mlp"
+    needs_question = False
 
     def __init__(self, in_dim: int, llm_dim: int, num_tokens: int = DEFAULT_NUM_IMAGE_TOKENS):
         if num_tokens < 1:
@@ -36,6 +37,7 @@ class PatchMLP(nn.Sequential):
     """LLaVA-1.5's mlp2x_gelu: each patch token becomes one image token."""
 
     kind = "patch_mlp"
+    needs_question = False
 
     def __init__(self, in_dim: int, llm_dim: int, num_patches: int):
         super().__init__(nn.Linear(in_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
@@ -46,6 +48,28 @@ class PatchMLP(nn.Sequential):
         return super().forward(features.patches)
 
 
+class QuestionMLP(nn.Sequential):
+    """The pooled image vector and the question (the mean of its frozen token embeddings) ->
+    N tokens. Seeing the question lets the image tokens carry the answer to "Is this an MRI?",
+    which a small frozen LLM cannot work out from question-blind image tokens (InstructBLIP's
+    instruction-aware connector, as a plain MLP)."""
+
+    kind = "question_mlp"
+    needs_question = True
+
+    def __init__(self, in_dim: int, llm_dim: int, num_tokens: int = DEFAULT_NUM_IMAGE_TOKENS):
+        if num_tokens < 1:
+            raise ValueError(f"num_image_tokens must be >= 1, got {num_tokens}")
+        super().__init__(nn.Linear(in_dim + llm_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim * num_tokens))
+        self.num_tokens = num_tokens
+        self.llm_dim = llm_dim
+
+    def forward(self, features: VisionFeatures, question: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([features.pooled, question.to(features.pooled.dtype)], dim=-1)
+        out = super().forward(x)
+        return out.view(out.shape[0], self.num_tokens, self.llm_dim)
+
+
 def build_connector(
     name: str,
     *,
@@ -54,9 +78,11 @@ def build_connector(
     num_patches: int,
     llm_dim: int,
     num_image_tokens: int | None = None,
-) -> ClsMLP | PatchMLP:
+) -> ClsMLP | PatchMLP | QuestionMLP:
     if name == "cls_mlp":
         return ClsMLP(pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
+    if name == "question_mlp":
+        return QuestionMLP(pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
     if name == "patch_mlp":
         if num_image_tokens not in (None, num_patches):
             raise ValueError(

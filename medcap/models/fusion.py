@@ -67,9 +67,32 @@ class MedcapModel(nn.Module):
     def llm_dim(self) -> int:
         return self.tok_embeddings.embedding_dim
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[M, 3, H, W] pixels -> [M, N, D] image tokens."""
-        return self.projector(self.visual(images))
+    def encode_images(self, images: torch.Tensor, questions: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, 3, H, W] pixels -> [M, N, D] image tokens (``questions`` [M, D]: question_mlp)."""
+        features = self.visual(images)
+        if getattr(self.projector, "needs_question", False):
+            return self.projector(features, questions)
+        return self.projector(features)
+
+    def questions(self, h: torch.Tensor, is_image: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """[M, D]: for each image (in row order), the mean embedding of the text that follows its
+        placeholders, up to the next image or the answer (the first labelled position), so the
+        connector never sees the answer it is trained to produce. Prompts are left-padded at
+        inference and right-padded in training, so no pad token falls in a span."""
+        out = []
+        n = self.num_image_tokens
+        for row in range(h.shape[0]):
+            end = h.shape[1]
+            if labels is not None:
+                labelled = (labels[row] != IGNORE_INDEX).nonzero()
+                end = int(labelled[0]) + 1 if len(labelled) else end
+            places = is_image[row].nonzero().flatten().tolist()
+            firsts, lasts = places[::n], places[n - 1 :: n]  # each image's first and last placeholder
+            for k, last in enumerate(lasts):
+                stop = min(end, firsts[k + 1]) if k + 1 < len(firsts) else end
+                span = h[row, last + 1 : stop]
+                out.append(span.mean(dim=0) if len(span) else h.new_zeros(h.shape[-1]))
+        return torch.stack(out) if out else h.new_zeros(0, h.shape[-1])
 
     def check_placeholders(self, tokens: torch.Tensor, num_images: int) -> torch.Tensor:
         """Each row holds N placeholders per image (usually 0 or 1 image); the images, in row
@@ -91,12 +114,19 @@ class MedcapModel(nn.Module):
             )
         return is_image
 
-    def embed(self, tokens: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self, tokens: torch.Tensor, images: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         num_images = 0 if images is None else images.shape[0]
         is_image = self.check_placeholders(tokens, num_images)
         h = self.tok_embeddings(tokens.masked_fill(is_image, 0))
         if num_images:
-            image_tokens = self.encode_images(images).to(h.dtype)
+            questions = (
+                self.questions(h.detach(), is_image, labels)
+                if getattr(self.projector, "needs_question", False)
+                else None
+            )
+            image_tokens = self.encode_images(images, questions).to(h.dtype)
             h = h.masked_scatter(is_image.unsqueeze(-1), image_tokens)
         return h
 
@@ -116,7 +146,7 @@ class MedcapModel(nn.Module):
         ``(logits [K, V] in fp32, targets [K])``: with ~400-token prompts and ~30-token answers
         full-vocabulary logits at every position are most of the head's time and memory.
         """
-        h = self.embed(tokens, images)
+        h = self.embed(tokens, images, labels)
         if labels is None:
             return self.decoder(h, mask=mask, input_pos=input_pos)
         for layer in self.decoder.layers:  # TransformerDecoder.forward, minus the head
