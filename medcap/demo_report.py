@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from medcap.data.sources import read_slake
-from medcap.evaluation.vqa import closed_correct, normalize_answer
+from medcap.evaluation.vqa import closed_correct, is_yes_no, normalize_answer, score_item
 from medcap.io import atomic_write, atomic_write_json
-from medcap.models.checkpoints import safe_load
+from medcap.models.checkpoints import read_vision_checkpoint, safe_load
 
-SUMMARY_KEYS = ("closed_accuracy", "open_recall", "open_f1", "bleu4", "rouge_l", "cider")
 TABLE = (  # (key, label, count key)
     ("closed_accuracy", "Closed-question accuracy", "closed_n"),
     ("closed_yes_no_accuracy", "  yes/no questions", "closed_yes_no_n"),
@@ -32,6 +31,13 @@ TABLE = (  # (key, label, count key)
     ("meteor", "Caption METEOR", "caption_n"),
     ("rouge_l", "Caption ROUGE-L", "caption_n"),
     ("cider", "Caption CIDEr", "caption_n"),
+)
+REFERENCES = (  # (key, label, count key): what answering without looking scores
+    ("majority_rate", "Majority answer (closed)", "closed_n"),
+    ("yes_no_majority_rate", "  yes/no questions", "closed_yes_no_n"),
+    ("question_prior_rate", "Blind answerer (closed)", "closed_n"),
+    ("yes_no_prior_rate", "  yes/no questions", "closed_yes_no_n"),
+    ("choice_prior_rate", "  choice questions", "closed_choice_n"),
 )
 
 
@@ -54,7 +60,7 @@ def closed_kinds(rows: dict[int, dict[str, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     closed = [r for r in rows.values() if r["answer_type"] == "CLOSED"]
     for kind, keep in (("yes_no", True), ("choice", False)):
-        part = [r for r in closed if (normalize_answer(r["output"]) in ("yes", "no")) == keep]
+        part = [r for r in closed if is_yes_no(r["output"]) == keep]
         out[f"closed_{kind}_n"] = len(part)
         out[f"closed_{kind}_accuracy"] = (
             sum(closed_correct(r["generated"], r["output"]) for r in part) / len(part) if part else None
@@ -91,7 +97,7 @@ def reference_rates(slake_root: Path) -> dict[str, float]:
         for split in ("train", "test")
     }
     def kind(pairs: list[tuple[str, str]], yes_no: bool) -> list[tuple[str, str]]:
-        return [(q, a) for q, a in pairs if (normalize_answer(a) in ("yes", "no")) == yes_no]
+        return [(q, a) for q, a in pairs if is_yes_no(a) == yes_no]
 
     return {
         "majority_rate": majority_rate([a for _, a in closed["test"]]),
@@ -127,11 +133,9 @@ def metrics_table(summary: dict[str, Any]) -> str:
     lines = [f"{'metric':<28} {'before':>8} {'after':>8}   n"]
     for key, label, n in TABLE:
         lines.append(f"{label:<28} {_fmt(b.get(key)):>8} {_fmt(t.get(key)):>8}   {t.get(n)}")
-    lines.append(f"{'Majority answer (closed)':<28} {_fmt(summary['majority_rate']):>8}")
-    lines.append(f"{'  yes/no questions':<28} {_fmt(summary['yes_no_majority_rate']):>8}")
-    lines.append(f"{'Blind answerer (closed)':<28} {_fmt(summary['question_prior_rate']):>8}   per question text, fitted on train")
-    lines.append(f"{'  yes/no questions':<28} {_fmt(summary['yes_no_prior_rate']):>8}")
-    lines.append(f"{'  choice questions':<28} {_fmt(summary['choice_prior_rate']):>8}")
+    for key, label, _ in REFERENCES:
+        lines.append(f"{label:<28} {_fmt(summary[key]):>8}")
+    lines.append("(blind answerer: the best answer per question text, fitted on train)")
     return "\n".join(lines)
 
 
@@ -205,11 +209,14 @@ td:first-child,th:first-child{text-align:left}.good{color:#1e7b34}.bad{color:#b0
 """
 
 
+def _indent(label: str) -> str:
+    return label.replace("  ", "&nbsp;&nbsp;")
+
+
 def _mark(prediction: str, gold: str, answer_type: str) -> str:
-    if answer_type == "CLOSED":
-        ok = closed_correct(prediction, gold)
-    else:
-        ok = normalize_answer(gold) in normalize_answer(prediction)
+    """Green when the metric counts it right (open: every gold word present, recall 1)."""
+    score = score_item(prediction, gold, answer_type)
+    ok = score["correct"] == 1.0 if answer_type == "CLOSED" else score["recall"] == 1.0
     return f'<span class="{"good" if ok else "bad"}">{html.escape(prediction or "(empty)")}</span>'
 
 
@@ -250,8 +257,12 @@ def gallery(baseline: dict[str, Any], trained: dict[str, Any]) -> str:
 def write_html(path: Path, summary: dict[str, Any], figure: Path, baseline: dict, trained: dict) -> Path:
     b, t = summary["baseline"], summary["trained"]
     rows = "".join(
-        f"<tr><td>{label.replace('  ', '&nbsp;&nbsp;')}</td><td>{_fmt(b.get(k))}</td><td>{_fmt(t.get(k))}</td><td>{t.get(n)}</td></tr>"
+        f"<tr><td>{_indent(label)}</td><td>{_fmt(b.get(k))}</td><td>{_fmt(t.get(k))}</td><td>{t.get(n)}</td></tr>"
         for k, label, n in TABLE
+    )
+    references = "".join(
+        f"<tr><td>{_indent(label)}</td><td colspan=\"2\">{_fmt(summary[k])}</td><td>{t.get(n)}</td></tr>"
+        for k, label, n in REFERENCES
     )
     content_rows = "".join(
         f"<tr><td>{html.escape(ct)}</td><td>{_fmt(b['by_content_type'].get(ct, {}).get('closed_accuracy'))}</td>"
@@ -272,12 +283,8 @@ no source file or volume with training. Metrics are on the test split; nothing w
 <img src="{_data_uri(figure)}" style="width:100%" alt="summary figure">
 <h2>Metrics (held-out test)</h2>
 <table><tr><th>metric</th><th>untrained</th><th>trained</th><th>n</th></tr>{rows}
-<tr><td>Majority answer (closed)</td><td colspan="2">{_fmt(summary['majority_rate'])}</td><td>{t.get('closed_n')}</td></tr>
-<tr><td>&nbsp;&nbsp;yes/no questions</td><td colspan="2">{_fmt(summary['yes_no_majority_rate'])}</td><td>{t.get('closed_yes_no_n')}</td></tr>
-<tr><td>Blind answerer (closed; best answer per question text, fitted on train)</td><td colspan="2">{_fmt(summary['question_prior_rate'])}</td><td>{t.get('closed_n')}</td></tr>
-<tr><td>&nbsp;&nbsp;yes/no questions</td><td colspan="2">{_fmt(summary['yes_no_prior_rate'])}</td><td>{t.get('closed_yes_no_n')}</td></tr>
-<tr><td>&nbsp;&nbsp;choice questions</td><td colspan="2">{_fmt(summary['choice_prior_rate'])}</td><td>{t.get('closed_choice_n')}</td></tr>
-</table>
+{references}</table>
+<p class="muted">Blind answerer: the best answer for each question text, fitted on the training set.</p>
 <h3>By content type</h3>
 <table><tr><th>content type</th><th>closed before</th><th>closed after</th><th>n</th><th>open recall before</th><th>open recall after</th><th>n</th></tr>{content_rows}</table>
 <p class="muted">Compare each kind of closed question with the blind answerer's rate for it: only what
@@ -297,7 +304,7 @@ def write_report(paths: Any, baseline: dict[str, Any], trained: dict[str, Any], 
     frozen = paths.trained / "frozen_llm.json"
     frozen_check = json.loads(frozen.read_text()) if frozen.is_file() else {}
     counts_file = paths.slake / "demo_counts.json"
-    meta = safe_load(Path(trained["checkpoint"])).get("medcap", {}) if trained.get("checkpoint") else {}
+    meta = read_vision_checkpoint(trained["checkpoint"]).meta if trained.get("checkpoint") else {}
     summary = {
         "baseline": {**flat_metrics(baseline["metrics"]), **closed_kinds(vqa_rows(baseline))},
         "trained": {**flat_metrics(trained["metrics"]), **closed_kinds(vqa_rows(trained))},

@@ -40,9 +40,14 @@ def first_word(text: Any) -> str:
     return words[0] if words else ""
 
 
+def is_yes_no(answer: Any) -> bool:
+    """A yes/no question's gold answer (the other closed kind names an option)."""
+    return normalize_answer(answer) in ("yes", "no")
+
+
 def closed_correct(prediction: Any, answer: Any) -> bool:
     gold = normalize_answer(answer)
-    if gold in ("yes", "no"):
+    if is_yes_no(gold):
         return first_word(prediction) == gold
     return normalize_answer(prediction) == gold
 
