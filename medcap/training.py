@@ -57,6 +57,7 @@ def build_model(cfg: DictConfig, tokenizer: Any, checkpointer: Any, llm_dtype: t
         num_image_tokens=cfg.get("num_image_tokens"),
         vision_checkpoint=cfg.get("vision_checkpoint"),
         freeze_vision_encoder=cfg.get("freeze_vision_encoder", False),
+        turn_end_ids=getattr(tokenizer, "stop_tokens", ()),
     )
     # trainable weights stay fp32 (pure-bf16 AdamW rounds small updates away)
     model.visual.float()

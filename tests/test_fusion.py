@@ -182,3 +182,43 @@ def test_question_connector_sees_the_question_never_the_answer(tiny_decoder):
     assert torch.equal(image_tokens(changed_question)[1], image_tokens(tokens)[1])  # rows do not mix
     logits, targets = model(tokens, images=images, labels=labels)
     assert logits.shape[0] == targets.shape[0] == 13
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+def test_question_connector_sees_the_same_question_in_training_and_generation(
+    template, tiny_decoder, llama3_tok, chatml_tokenizer_json
+):
+    """Training labels begin at the assistant header, a generation prompt ends with it: both
+    must average the user's question and nothing else (found: the header leaked into one)."""
+    from torchtune.data import Message
+
+    from medcap.data.chatml import ChatMLTokenizer
+    from medcap.data.dataset import image_token_id, tokenize_chat
+
+    tok = llama3_tok if template == "llama3" else ChatMLTokenizer(chatml_tokenizer_json)
+    image_id = image_token_id(tok)
+    model = build_medcap_model(tiny_decoder, image_token_id=image_id, vision="vit_tiny", connector="question_mlp",
+                               num_image_tokens=N, turn_end_ids=tok.stop_tokens)  # fmt: skip
+
+    def user(question):
+        return Message(role="user", content=[{"type": "image"}, {"type": "text", "content": question}], masked=True)
+
+    def embed(tokens):  # a fixed vector per token id, whatever the vocabulary size
+        return torch.sin(tokens.unsqueeze(-1) * torch.arange(1.0, 9.0))
+
+    def question_vector(tokens, labels=None):
+        tokens = torch.tensor([tokens])
+        h = embed(tokens)
+        return model.questions(h, tokens == image_id, labels, tokens)[0]
+
+    question = "Is this an MRI?"
+    prompt, _ = tokenize_chat(tok, [user(question), Message(role="assistant", content="")], N, add_end_tokens=False)
+    train, mask = tokenize_chat(tok, [user(question), Message(role="assistant", content="No")], N)
+    labels = torch.tensor([[-100 if m else t for t, m in zip(train[1:], mask[1:])] + [-100]])
+    assert (labels != -100).any()
+    alone = tok.encode(question, add_bos=False, add_eos=False)
+    expected = embed(torch.tensor(alone)).mean(0)
+    assert torch.allclose(question_vector(prompt), expected, atol=1e-6)
+    assert torch.allclose(question_vector(train, labels), expected, atol=1e-6)
+    model.turn_end_ids = ()  # without them the header tokens leak into the generation prompt's span
+    assert not torch.allclose(question_vector(prompt), question_vector(train, labels), atol=1e-6)

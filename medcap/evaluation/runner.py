@@ -139,6 +139,7 @@ class Evaluator:
                 connector=cfg.get("connector"),
                 num_image_tokens=cfg.get("num_image_tokens"),
                 vision_checkpoint=ckpt,
+                turn_end_ids=getattr(self.tokenizer, "stop_tokens", ()),
             )
             self.model.visual.to(self.dtype)
             self.model.projector.to(self.dtype)

@@ -9,6 +9,7 @@ count against the image-token count (torchtune silently misaligns when there are
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ class MedcapModel(nn.Module):
         visual: VisionEncoder,
         projector: nn.Module,
         image_token_id: int,
+        turn_end_ids: tuple[int, ...] = (),
     ):
         super().__init__()
         llm_dim = decoder_width(decoder)
@@ -57,6 +59,8 @@ class MedcapModel(nn.Module):
         self.visual = visual
         self.projector = projector
         self.image_token_id = int(image_token_id)
+        # the tokenizer's end-of-turn ids: question_mlp's question ends at the user's turn end
+        self.turn_end_ids = tuple(int(t) for t in turn_end_ids)
 
     @property
     def num_image_tokens(self) -> int:
@@ -74,13 +78,21 @@ class MedcapModel(nn.Module):
             return self.projector(features, questions)
         return self.projector(features)
 
-    def questions(self, h: torch.Tensor, is_image: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def questions(
+        self, h: torch.Tensor, is_image: torch.Tensor, labels: torch.Tensor | None, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[M, D]: for each image (in row order), the mean embedding of the text that follows its
-        placeholders, up to the next image or the answer (the first labelled position), so the
+        placeholders, up to the next image, the end of the user's turn (a ``turn_end_ids`` token
+        in ``tokens``) or the answer (the first labelled position), whichever comes first. The
+        turn end makes training (whose labels begin at the assistant header) and generation
+        (whose prompt ends with that header) average the same tokens; the label bound means the
         connector never sees the answer it is trained to produce. Prompts are left-padded at
         inference and right-padded in training, so no pad token falls in a span."""
         out = []
         n = self.num_image_tokens
+        turn_ends = None
+        if tokens is not None and self.turn_end_ids:
+            turn_ends = torch.isin(tokens, torch.tensor(self.turn_end_ids, device=tokens.device))
         for row in range(h.shape[0]):
             end = h.shape[1]
             if labels is not None:
@@ -90,6 +102,9 @@ class MedcapModel(nn.Module):
             firsts, lasts = places[::n], places[n - 1 :: n]  # each image's first and last placeholder
             for k, last in enumerate(lasts):
                 stop = min(end, firsts[k + 1]) if k + 1 < len(firsts) else end
+                if turn_ends is not None:
+                    after = turn_ends[row, last + 1 : stop].nonzero()
+                    stop = last + 1 + int(after[0]) if len(after) else stop
                 span = h[row, last + 1 : stop]
                 out.append(span.mean(dim=0) if len(span) else h.new_zeros(h.shape[-1]))
         return torch.stack(out) if out else h.new_zeros(0, h.shape[-1])
@@ -122,7 +137,7 @@ class MedcapModel(nn.Module):
         h = self.tok_embeddings(tokens.masked_fill(is_image, 0))
         if num_images:
             questions = (
-                self.questions(h.detach(), is_image, labels)
+                self.questions(h.detach(), is_image, labels, tokens)
                 if getattr(self.projector, "needs_question", False)
                 else None
             )
@@ -218,12 +233,14 @@ def build_medcap_model(
     num_image_tokens: int | None = None,
     vision_checkpoint: str | Path | None = None,
     freeze_vision_encoder: bool = False,
+    turn_end_ids: Sequence[int] = (),
 ) -> MedcapModel:
     """Join ``decoder`` (LLM weights already loaded) with a vision encoder and connector.
 
     With ``vision_checkpoint`` the connector kind and N are read from the file (the
     original release has N = 32, a later one 50) and its weights are loaded; otherwise
-    ``connector`` defaults to ``cls_mlp``.
+    ``connector`` defaults to ``cls_mlp``. ``turn_end_ids`` (the tokenizer's ``stop_tokens``)
+    tell ``question_mlp`` where the user's question ends.
     """
     from medcap.models import checkpoints  # local: checkpoints reads MedcapModel instances
 
@@ -247,7 +264,7 @@ def build_medcap_model(
         llm_dim=llm_dim,
         num_image_tokens=num_image_tokens,
     )
-    model = MedcapModel(decoder, visual, projector, image_token_id)
+    model = MedcapModel(decoder, visual, projector, image_token_id, tuple(turn_end_ids))
     if ckpt is not None:
         checkpoints.load_vision_state(model, ckpt)
     set_trainable(model, freeze_vision_encoder)
