@@ -29,7 +29,11 @@ class ClsMLP(nn.Sequential):
         self.llm_dim = llm_dim
 
     def forward(self, features: VisionFeatures) -> torch.Tensor:
-        out = super().forward(features.pooled)
+        return self.tokens(features.pooled)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, in_dim] -> [M, N, llm_dim]."""
+        out = nn.Sequential.forward(self, x)
         return out.view(out.shape[0], self.num_tokens, self.llm_dim)
 
 
@@ -48,7 +52,7 @@ class PatchMLP(nn.Sequential):
         return super().forward(features.patches)
 
 
-class QuestionMLP(nn.Sequential):
+class QuestionMLP(ClsMLP):
     """The pooled image vector and the question (the mean of its frozen token embeddings) ->
     N tokens. Seeing the question lets the image tokens carry the answer to "Is this an MRI?",
     which a small frozen LLM cannot work out from question-blind image tokens (InstructBLIP's
@@ -58,16 +62,10 @@ class QuestionMLP(nn.Sequential):
     needs_question = True
 
     def __init__(self, in_dim: int, llm_dim: int, num_tokens: int = DEFAULT_NUM_IMAGE_TOKENS):
-        if num_tokens < 1:
-            raise ValueError(f"num_image_tokens must be >= 1, got {num_tokens}")
-        super().__init__(nn.Linear(in_dim + llm_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim * num_tokens))
-        self.num_tokens = num_tokens
-        self.llm_dim = llm_dim
+        super().__init__(in_dim + llm_dim, llm_dim, num_tokens)
 
     def forward(self, features: VisionFeatures, question: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([features.pooled, question.to(features.pooled.dtype)], dim=-1)
-        out = super().forward(x)
-        return out.view(out.shape[0], self.num_tokens, self.llm_dim)
+        return self.tokens(torch.cat([features.pooled, question.to(features.pooled.dtype)], dim=-1))
 
 
 def build_connector(

@@ -45,7 +45,7 @@ class MedcapModel(nn.Module):
         visual: VisionEncoder,
         projector: nn.Module,
         image_token_id: int,
-        turn_end_ids: tuple[int, ...] = (),
+        turn_end_ids: Sequence[int] = (),
     ):
         super().__init__()
         llm_dim = decoder_width(decoder)
@@ -264,7 +264,7 @@ def build_medcap_model(
         llm_dim=llm_dim,
         num_image_tokens=num_image_tokens,
     )
-    model = MedcapModel(decoder, visual, projector, image_token_id, tuple(turn_end_ids))
+    model = MedcapModel(decoder, visual, projector, image_token_id, turn_end_ids)
     if ckpt is not None:
         checkpoints.load_vision_state(model, ckpt)
     set_trainable(model, freeze_vision_encoder)
