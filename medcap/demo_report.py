@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from medcap.data.demo_slake import MODALITY_WORDS, PLANE_NAMES, modality_question, plane_question
 from medcap.data.sources import read_slake
 from medcap.evaluation.vqa import closed_correct, is_yes_no, normalize_answer, score_item
 from medcap.io import atomic_write, atomic_write_json
@@ -23,6 +24,7 @@ from medcap.models.checkpoints import read_vision_checkpoint, safe_load
 TABLE = (  # (key, label, count key)
     ("closed_accuracy", "Closed-question accuracy", "closed_n"),
     ("closed_yes_no_accuracy", "  yes/no questions", "closed_yes_no_n"),
+    ("yes_no_implied_accuracy", "  yes/no via own open answer", "yes_no_implied_n"),
     ("closed_choice_accuracy", "  choice questions (X or Y?)", "closed_choice_n"),
     ("open_recall", "Open-question recall", "open_n"),
     ("open_f1", "Open-question token F1", "open_n"),
@@ -66,6 +68,36 @@ def closed_kinds(rows: dict[int, dict[str, str]]) -> dict[str, Any]:
             sum(closed_correct(r["generated"], r["output"]) for r in part) / len(part) if part else None
         )
     return out
+
+
+IMPLIED = {  # content type -> (the open answer's options, the yes/no question that option makes)
+    "Modality": (tuple(MODALITY_WORDS), modality_question),
+    "Plane": (tuple(PLANE_NAMES.values()), plane_question),
+}
+
+
+def implied_yes_no(rows: dict[int, dict[str, str]]) -> dict[str, Any]:
+    """Accuracy of the yes/no answers the model's own open answer about the same image implies
+    ("What modality ...?" -> "MRI" implies Yes to "Is this an MRI?", No to the others). It is what
+    a perfect comparison of image and question would score with what the model recognises, so the
+    gap to the real yes/no accuracy is what the comparison loses, and the gap to 1 what recognition
+    loses. An open answer that names no option implies No throughout."""
+    named: dict[tuple[str, str], str | None] = {}
+    for r in rows.values():
+        if r["answer_type"] == "OPEN" and r["content_type"] in IMPLIED:
+            options = IMPLIED[r["content_type"]][0]
+            said = normalize_answer(r["generated"])
+            named[r["image"], r["content_type"]] = next((o for o in options if normalize_answer(o) == said), None)
+    right = n = 0
+    for r in rows.values():
+        key = (r["image"], r["content_type"])
+        if r["answer_type"] != "CLOSED" or not is_yes_no(r["output"]) or key not in named:
+            continue
+        option = named[key]
+        implied = "yes" if option is not None and r["instruction"] == IMPLIED[r["content_type"]][1](option) else "no"
+        right += implied == normalize_answer(r["output"])
+        n += 1
+    return {"yes_no_implied_accuracy": right / n if n else None, "yes_no_implied_n": n}
 
 
 def majority_rate(test_answers: list[str]) -> float:
@@ -119,6 +151,11 @@ def vqa_rows(evaluation: dict[str, Any]) -> dict[int, dict[str, str]]:
     return read_rows(evaluation["dir"] / f"test_out_slake_{evaluation['tag']}.csv")
 
 
+def vqa_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
+    rows = vqa_rows(evaluation)
+    return {**flat_metrics(evaluation["metrics"]), **closed_kinds(rows), **implied_yes_no(rows)}
+
+
 def loss_history(trained_dir: Path) -> list[tuple[int, float]]:
     state = trained_dir / "checkpoint" / "recipe_state.pt"
     return [(int(s), float(v)) for s, v in safe_load(state).get("history", [])] if state.is_file() else []
@@ -152,10 +189,10 @@ def _plt():
 def summary_figure(summary: dict[str, Any], history: list[tuple[int, float]], path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=110)
-    groups = (("VQA (held-out test)", ("closed_accuracy", "closed_yes_no_accuracy", "closed_choice_accuracy",
-                                       "open_recall", "open_f1")),
+    groups = (("VQA (held-out test)", ("closed_accuracy", "closed_yes_no_accuracy", "yes_no_implied_accuracy",
+                                       "closed_choice_accuracy", "open_recall", "open_f1")),
               ("Captions (held-out test)", ("bleu4", "rouge_l", "cider")))  # fmt: skip
-    labels = {"closed_accuracy": "closed", "closed_yes_no_accuracy": "yes/no", "closed_choice_accuracy": "choice",
+    labels = {"closed_accuracy": "closed", "closed_yes_no_accuracy": "yes/no", "yes_no_implied_accuracy": "yes/no via\nopen answer", "closed_choice_accuracy": "choice",
               "open_recall": "open recall", "open_f1": "open F1", "bleu4": "BLEU-4", "rouge_l": "ROUGE-L",
               "cider": "CIDEr"}  # fmt: skip
     for ax, (title, keys) in zip(axes[:2], groups):
@@ -288,7 +325,10 @@ no source file or volume with training. Metrics are on the test split; nothing w
 <h3>By content type</h3>
 <table><tr><th>content type</th><th>closed before</th><th>closed after</th><th>n</th><th>open recall before</th><th>open recall after</th><th>n</th></tr>{content_rows}</table>
 <p class="muted">Compare each kind of closed question with the blind answerer's rate for it: only what
-exceeds that comes from reading the image. Closed answers are right when the first word is the gold yes/no; open recall is the share of the
+exceeds that comes from reading the image. "Yes/no via own open answer" scores the yes/no answers
+that the model's own open answer about the same image implies ("MRI" to "What modality ...?" implies Yes to "Is
+this an MRI?"): what a perfect comparison of image and question would reach with what the model recognises.
+Closed answers are right when the first word is the gold yes/no; open recall is the share of the
 gold answer's words found in the answer (LLaVA-Med's measure). Captions: pycocoevalcap (SPICE skipped).
 Greedy decoding. Total run {summary['seconds'].get('total', 0):.0f} s.</p>
 <h2>Held-out test images</h2>
@@ -306,8 +346,8 @@ def write_report(paths: Any, baseline: dict[str, Any], trained: dict[str, Any], 
     counts_file = paths.slake / "demo_counts.json"
     meta = read_vision_checkpoint(trained["checkpoint"]).meta if trained.get("checkpoint") else {}
     summary = {
-        "baseline": {**flat_metrics(baseline["metrics"]), **closed_kinds(vqa_rows(baseline))},
-        "trained": {**flat_metrics(trained["metrics"]), **closed_kinds(vqa_rows(trained))},
+        "baseline": vqa_summary(baseline),
+        "trained": vqa_summary(trained),
         **reference_rates(paths.slake),
         "training": {
             "steps": history[-1][0] if history else 0,

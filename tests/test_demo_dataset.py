@@ -85,3 +85,26 @@ def test_blind_rates():
     test = [("Is this an MRI?", "No"), ("Is this a CT?", "Yes"), ("Unseen?", "Yes")]
     # MRI -> "yes" (wrong); CT tie -> half; unseen -> the overall majority "yes" (right)
     assert question_prior_rate(train, test) == (0 + 0.5 + 1) / 3
+
+
+def test_yes_no_implied_by_the_models_own_open_answer():
+    from medcap.demo_report import implied_yes_no
+
+    def row(image, question, gold, said, answer_type="CLOSED", content_type="Modality"):
+        return {"image": image, "instruction": question, "output": gold, "generated": said,
+                "answer_type": answer_type, "content_type": content_type}  # fmt: skip
+
+    rows = dict(enumerate([
+        row("a.jpg", "What modality is used to take this image?", "MRI", "mri.", answer_type="OPEN"),
+        row("a.jpg", "Is this an MRI?", "Yes", "No"),  # implied Yes: right (the model itself said No)
+        row("a.jpg", "Is this a CT scan?", "No", "No"),  # implied No: right
+        row("b.jpg", "What modality is used to take this image?", "CT", "MRI", answer_type="OPEN"),
+        row("b.jpg", "Is this a CT scan?", "Yes", "Yes"),  # implied No: wrong
+        row("b.jpg", "In which plane is this image taken?", "Coronal", "an apple", "OPEN", "Plane"),
+        row("b.jpg", "Is this a coronal slice?", "Yes", "Yes", content_type="Plane"),  # names no plane -> No: wrong
+        row("b.jpg", "Is this a sagittal slice?", "No", "Yes", content_type="Plane"),  # -> No: right
+        row("c.jpg", "Is this an MRI?", "Yes", "Yes"),  # no open answer for c: not counted
+        row("a.jpg", "Is this a CT scan or an MRI?", "MRI", "MRI"),  # choice: not counted
+    ]))  # fmt: skip
+    assert implied_yes_no(rows) == {"yes_no_implied_accuracy": 3 / 5, "yes_no_implied_n": 5}
+    assert implied_yes_no({}) == {"yes_no_implied_accuracy": None, "yes_no_implied_n": 0}
