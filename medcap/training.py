@@ -44,21 +44,25 @@ def build_llm(cfg_model: DictConfig, checkpointer: Any, dtype: torch.dtype) -> t
     )
 
 
-def build_model(cfg: DictConfig, tokenizer: Any, checkpointer: Any, llm_dtype: torch.dtype) -> MedcapModel:
-    """LLM from ``cfg.model`` + ``checkpointer``, vision side from the top-level keys of the
-    original command line (``vision``, ``vision_checkpoint``) and medcap's additions."""
-    decoder = build_llm(cfg.model, checkpointer, llm_dtype)
-    model = build_medcap_model(
+def fuse_from_config(cfg: DictConfig, decoder: Any, tokenizer: Any, vision_checkpoint: Any = None) -> MedcapModel:
+    """The vision side from the top-level keys of the original command line (``vision``,
+    ``vision_checkpoint``) and medcap's additions, read in one place for training and evaluation."""
+    return build_medcap_model(
         decoder,
         image_token_id=image_token_id(tokenizer),
         vision=cfg.get("vision", "biomedclip"),
         vision_path=cfg.get("vision_path"),
         connector=cfg.get("connector"),
         num_image_tokens=cfg.get("num_image_tokens"),
-        vision_checkpoint=cfg.get("vision_checkpoint"),
+        vision_checkpoint=vision_checkpoint,
         freeze_vision_encoder=cfg.get("freeze_vision_encoder", False),
         turn_end_ids=getattr(tokenizer, "stop_tokens", ()),
     )
+
+
+def build_model(cfg: DictConfig, tokenizer: Any, checkpointer: Any, llm_dtype: torch.dtype) -> MedcapModel:
+    """LLM from ``cfg.model`` + ``checkpointer``, then the vision side (see ``fuse_from_config``)."""
+    model = fuse_from_config(cfg, build_llm(cfg.model, checkpointer, llm_dtype), tokenizer, cfg.get("vision_checkpoint"))
     # trainable weights stay fp32 (pure-bf16 AdamW rounds small updates away)
     model.visual.float()
     model.projector.float()

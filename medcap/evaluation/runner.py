@@ -20,7 +20,7 @@ from torchtune import config, training
 from torchtune.data import Message
 from tqdm import tqdm
 
-from medcap.data.dataset import image_token_id, tokenize_chat
+from medcap.data.dataset import tokenize_chat
 from medcap.data.images import load_image
 from medcap.data.sharegpt import read_records, record_to_chat
 from medcap.data.sources import read_slake, read_vqarad
@@ -29,8 +29,7 @@ from medcap.evaluation.vqa import score_item, summarize
 from medcap.generation import generate
 from medcap.io import ResumableCSV, atomic_write, atomic_write_json
 from medcap.models.checkpoints import load_vision_checkpoint
-from medcap.models.fusion import build_medcap_model
-from medcap.training import build_llm, resolve_precision
+from medcap.training import build_llm, fuse_from_config, resolve_precision
 
 CSV_COLUMNS = ["image", "instruction", "output", "generated"]  # the original's, in its order
 EXTRA_COLUMNS = ["index", "answer_type", "content_type", "qid", "description", "score"]
@@ -131,16 +130,7 @@ class Evaluator:
         if self.model is None:
             checkpointer = config.instantiate(cfg.checkpointer)
             decoder = build_llm(cfg.model, checkpointer, self.dtype)
-            self.model = build_medcap_model(
-                decoder,
-                image_token_id=image_token_id(self.tokenizer),
-                vision=cfg.get("vision", "biomedclip"),
-                vision_path=cfg.get("vision_path"),
-                connector=cfg.get("connector"),
-                num_image_tokens=cfg.get("num_image_tokens"),
-                vision_checkpoint=ckpt,
-                turn_end_ids=getattr(self.tokenizer, "stop_tokens", ()),
-            )
+            self.model = fuse_from_config(cfg, decoder, self.tokenizer, vision_checkpoint=ckpt)
             self.model.visual.to(self.dtype)
             self.model.projector.to(self.dtype)
             self.model.to(self.device).eval()
