@@ -106,14 +106,25 @@ def test_multiframe_selector():
         load_image(f"{path}#frame=99", record=2)
 
 
-def _volume(tmp_path):
+def _volume(tmp_path, voxel=(1.0, 1.0, 1.0)):
     import nibabel as nib
 
     x, y, z = np.meshgrid(np.arange(20), np.arange(30), np.arange(40), indexing="ij")
     data = (z * 100 + y).astype(np.int16)  # varies along z (superior) and y (anterior) only
     path = tmp_path / "vol.nii.gz"
-    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    nib.save(nib.Nifti1Image(data, np.diag([*voxel, 1.0])), path)
     return path
+
+
+def test_nifti_slices_have_square_pixels(tmp_path):
+    """A thick-slice series (0.5 x 0.5 x 2 mm here): coronal and sagittal slices are stretched
+    along the slice direction by the voxel sizes, axial ones are left as they are."""
+    path = _volume(tmp_path, voxel=(0.5, 0.5, 2.0))
+    assert load_image(f"{path}#plane=axial").size == (20, 30)
+    assert load_image(f"{path}#plane=coronal").size == (20, 160)
+    sagittal = np.asarray(load_image(f"{path}#plane=sagittal"))[..., 0].astype(int)
+    assert sagittal.shape == (160, 30)
+    assert sagittal[0, 15] > sagittal[-1, 15]  # still superior at the top
 
 
 def test_nifti_planes(tmp_path):

@@ -116,7 +116,7 @@ def load_nifti_slice(
     path: Path, plane: str = "axial", index: int | None = None, volume: int = 0, record: int | None = None
 ) -> Image.Image:
     """One slice of a NIfTI volume, reoriented to RAS so planes mean what they say; shown with
-    superior (or anterior, for axial) at the top."""
+    superior (or anterior, for axial) at the top, resampled to square pixels by the voxel sizes."""
     import nibabel as nib
 
     where = _where(path, record)
@@ -139,7 +139,14 @@ def load_nifti_slice(
     if not 0 <= index < size:
         raise ImageLoadError(f"{where}: {plane} slice {index} requested but the volume has {size}")
     slab = np.take(data, index, axis=axis).astype(np.float32)
-    return Image.fromarray(np.ascontiguousarray(np.rot90(to_uint8(slab))), "L").convert("RGB")
+    out = Image.fromarray(np.ascontiguousarray(np.rot90(to_uint8(slab))), "L")
+    # square pixels: a 0.5 x 0.5 x 5 mm series is not squashed tenfold in its coronal slices
+    across, down = (float(z) for i, z in enumerate(img.header.get_zooms()[:3]) if i != axis)
+    if min(across, down) > 0 and not np.isclose(across, down, rtol=0.01):
+        finest = min(across, down)
+        size = (round(out.width * across / finest), round(out.height * down / finest))
+        out = out.resize(size, Image.Resampling.BICUBIC)
+    return out.convert("RGB")
 
 
 def split_selector(spec: str | Path) -> tuple[Path, dict[str, str]]:
