@@ -221,13 +221,18 @@ def test_export_round_trip_through_open_clip(vision, tmp_path, tiny_decoder):
     assert f"CenterCrop(size=({size}, {size}))" in repr(preprocess)
 
 
-def test_question_connector_round_trip_is_read_from_the_file(tmp_path, tiny_decoder, tiny_spec):
+@pytest.mark.parametrize("connector", ["question_mlp", "question_film"])
+def test_question_connector_round_trip_is_read_from_the_file(connector, tmp_path, tiny_decoder, tiny_spec):
     torch.manual_seed(0)
-    model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector="question_mlp",
+    model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector=connector,
                                num_image_tokens=3)  # fmt: skip
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.add_(torch.randn_like(p))  # film starts at zero: make every weight tell
     path = save_vision_checkpoint(model, tmp_path / "meta_model_0.pt", epoch=0, step=1)
-    assert read_vision_checkpoint(path).meta["connector"] == "question_mlp"
+    assert read_vision_checkpoint(path).meta["connector"] == connector
     fresh = build_medcap_model(tiny_spec.torchtune_decoder(), image_token_id=IMAGE_ID, vision="vit_tiny",
                                vision_checkpoint=path)  # fmt: skip
-    assert fresh.projector.kind == "question_mlp" and fresh.num_image_tokens == 3
-    assert torch.equal(fresh.projector[0].weight, model.projector[0].weight)
+    assert fresh.projector.kind == connector and fresh.num_image_tokens == 3
+    saved, loaded = model.projector.state_dict(), fresh.projector.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)

@@ -156,10 +156,16 @@ def test_loss_at_label_positions_equals_full_sequence_loss(model):
     assert model.projector[0].weight.grad is not None
 
 
-def test_question_connector_sees_the_question_never_the_answer(tiny_decoder):
+QUESTION_CONNECTORS = ("question_mlp", "question_film")
+
+
+@pytest.mark.parametrize("connector", QUESTION_CONNECTORS)
+def test_question_connector_sees_the_question_never_the_answer(connector, tiny_decoder):
     torch.manual_seed(0)
-    model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector="question_mlp",
+    model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector=connector,
                                num_image_tokens=N)  # fmt: skip
+    if connector == "question_film":  # starts question-blind (zero film): give the question a say
+        torch.nn.init.normal_(model.projector.film.weight)
     tokens, images = _batch()
     labels = torch.full_like(tokens, -100)
     labels[0, 12:20] = tokens[0, 13:21]  # row 0 answers from position 13 on (labels are shifted)
@@ -222,3 +228,29 @@ def test_question_connector_sees_the_same_question_in_training_and_generation(
     assert torch.allclose(question_vector(train, labels), expected, atol=1e-6)
     model.turn_end_ids = ()  # without them the header tokens leak into the generation prompt's span
     assert not torch.allclose(question_vector(prompt), question_vector(train, labels), atol=1e-6)
+
+
+def test_question_film_starts_as_cls_mlp_and_learns_from_the_product(tiny_decoder):
+    """At zero film the image tokens are cls_mlp's with the same weights, whatever the question;
+    on a balanced yes/no-like target (the sign flips with the question) the film weights get a
+    gradient although the image and question weights alone get none on average."""
+    from medcap.models.connectors import ClsMLP, QuestionFiLM
+    from medcap.models.vision import VisionFeatures
+
+    torch.manual_seed(0)
+    film, cls = QuestionFiLM(6, 8, 2), ClsMLP(6, 8, 2)
+    cls.load_state_dict({k: v for k, v in film.state_dict().items() if not k.startswith("film.")})
+    pooled = torch.randn(4, 6)
+    features = VisionFeatures(pooled=pooled, patches=pooled[:, None])
+    questions = torch.randn(4, 8)
+    assert torch.equal(film(features, questions), cls(features))
+    assert torch.equal(film(features, questions), film(features, 10 * questions))
+    # every image with a matching (+1) and a non-matching (-1) question, each question both ways
+    pooled = torch.randn(2, 6).repeat_interleave(2, 0)
+    q = torch.randn(2, 8)
+    questions = torch.stack([q[0], q[1], q[1], q[0]])
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    out = film(VisionFeatures(pooled=pooled, patches=pooled[:, None]), questions)
+    (sign[:, None, None] * out).sum().backward()
+    assert film.film.weight.grad.abs().sum() > 0
+    assert torch.allclose(film[0].weight.grad, torch.zeros_like(film[0].weight.grad), atol=1e-6)

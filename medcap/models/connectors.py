@@ -1,17 +1,19 @@
 """Connectors: encoder features -> a fixed number of LLM-width image tokens.
 
-Both are ``nn.Sequential(Linear, GELU, Linear)`` so their state dicts carry the original medcap
-``projector`` key names (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``).
+All are ``nn.Sequential(Linear, GELU, Linear)`` so their state dicts carry the original medcap
+``projector`` key names (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``); ``question_film``
+adds ``film.weight`` and ``film.bias``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medcap.models.vision import VisionFeatures
 
-CONNECTORS = ("cls_mlp", "patch_mlp", "question_mlp")
+CONNECTORS = ("cls_mlp", "patch_mlp", "question_mlp", "question_film")
 DEFAULT_NUM_IMAGE_TOKENS = 32
 
 
@@ -68,6 +70,30 @@ class QuestionMLP(ClsMLP):
         return self.tokens(torch.cat([features.pooled, question.to(features.pooled.dtype)], dim=-1))
 
 
+class QuestionFiLM(ClsMLP):
+    """``cls_mlp`` whose hidden features are scaled per feature by the question (FiLM, Perez et
+    al. 2018): ``h = GELU(W0 pooled) * (1 + Wq LayerNorm(question))``. A product, not a
+    concatenation: where every image has a Yes and a No question and every question text is
+    answered Yes as often as No, the first-order gradients of a concatenation cancel, and only
+    the image x question term can learn the answer. ``Wq`` starts at zero, so training starts
+    from ``cls_mlp`` and the question's effect grows from there."""
+
+    kind = "question_film"
+    needs_question = True
+
+    def __init__(self, in_dim: int, llm_dim: int, num_tokens: int = DEFAULT_NUM_IMAGE_TOKENS):
+        super().__init__(in_dim, llm_dim, num_tokens)
+        self.film = nn.Linear(llm_dim, llm_dim)  # a named member: never run by Sequential's forward
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, features: VisionFeatures, question: torch.Tensor) -> torch.Tensor:
+        pooled = features.pooled
+        q = F.layer_norm(question.to(pooled.dtype), (question.shape[-1],))
+        out = self[2](self[1](self[0](pooled)) * (1 + self.film(q)))
+        return out.view(out.shape[0], self.num_tokens, self.llm_dim)
+
+
 def build_connector(
     name: str,
     *,
@@ -76,11 +102,13 @@ def build_connector(
     num_patches: int,
     llm_dim: int,
     num_image_tokens: int | None = None,
-) -> ClsMLP | PatchMLP | QuestionMLP:
+) -> ClsMLP | PatchMLP | QuestionMLP | QuestionFiLM:
     if name == "cls_mlp":
         return ClsMLP(pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
     if name == "question_mlp":
         return QuestionMLP(pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
+    if name == "question_film":
+        return QuestionFiLM(pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
     if name == "patch_mlp":
         if num_image_tokens not in (None, num_patches):
             raise ValueError(

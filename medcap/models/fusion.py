@@ -59,7 +59,7 @@ class MedcapModel(nn.Module):
         self.visual = visual
         self.projector = projector
         self.image_token_id = int(image_token_id)
-        # the tokenizer's end-of-turn ids: question_mlp's question ends at the user's turn end
+        # the tokenizer's end-of-turn ids: a question connector's question ends at the user's turn end
         self.turn_end_ids = tuple(int(t) for t in turn_end_ids)
 
     @property
@@ -72,7 +72,7 @@ class MedcapModel(nn.Module):
         return self.tok_embeddings.embedding_dim
 
     def encode_images(self, images: torch.Tensor, questions: torch.Tensor | None = None) -> torch.Tensor:
-        """[M, 3, H, W] pixels -> [M, N, D] image tokens (``questions`` [M, D]: question_mlp)."""
+        """[M, 3, H, W] pixels -> [M, N, D] image tokens (``questions`` [M, D]: the question connectors)."""
         features = self.visual(images)
         if getattr(self.projector, "needs_question", False):
             return self.projector(features, questions)
@@ -240,7 +240,7 @@ def build_medcap_model(
     With ``vision_checkpoint`` the connector kind and N are read from the file (the
     original release has N = 32, a later one 50) and its weights are loaded; otherwise
     ``connector`` defaults to ``cls_mlp``. ``turn_end_ids`` (the tokenizer's ``stop_tokens``)
-    tell ``question_mlp`` where the user's question ends.
+    tell the question connectors where the user's question ends.
     """
     from medcap.models import checkpoints  # local: checkpoints reads MedcapModel instances
 
