@@ -17,7 +17,7 @@ from typing import Any
 
 from medcap.data.demo_slake import MODALITY_WORDS, PLANE_NAMES, modality_question, plane_question
 from medcap.data.sources import read_slake
-from medcap.evaluation.vqa import closed_correct, is_yes_no, normalize_answer, score_item
+from medcap.evaluation.vqa import closed_correct, first_word, is_yes_no, normalize_answer, score_item
 from medcap.io import atomic_write, atomic_write_json
 from medcap.models.checkpoints import read_vision_checkpoint, safe_load
 
@@ -25,6 +25,8 @@ TABLE = (  # (key, label, count key)
     ("closed_accuracy", "Closed-question accuracy", "closed_n"),
     ("closed_yes_no_accuracy", "  yes/no questions", "closed_yes_no_n"),
     ("yes_no_implied_accuracy", "  yes/no via own open answer", "yes_no_implied_n"),
+    ("yes_no_agreement", "  yes/no agreeing with that", "yes_no_implied_n"),
+    ("yes_no_agreement_kappa", "  (Cohen's kappa)", "yes_no_implied_n"),
     ("closed_choice_accuracy", "  choice questions (X or Y?)", "closed_choice_n"),
     ("open_recall", "Open-question recall", "open_n"),
     ("open_f1", "Open-question token F1", "open_n"),
@@ -77,27 +79,41 @@ IMPLIED = {  # content type -> (the open answer's options, the yes/no question t
 
 
 def implied_yes_no(rows: dict[int, dict[str, str]]) -> dict[str, Any]:
-    """Accuracy of the yes/no answers the model's own open answer about the same image implies
-    ("What modality ...?" -> "MRI" implies Yes to "Is this an MRI?", No to the others). It is what
-    a perfect comparison of image and question would score with what the model recognises, so the
-    gap to the real yes/no accuracy is what the comparison loses, and the gap to 1 what recognition
-    loses. An open answer that names no option implies No throughout."""
+    """The yes/no answers the model's own open answer about the same image implies ("What
+    modality ...?" -> "MRI" implies Yes to "Is this an MRI?", No to the others; an open answer
+    that names no option implies No throughout). Their accuracy is what a perfect comparison of
+    image and question would score with what the model recognises; how often the model's real
+    yes/no answers agree with them (and Cohen's kappa, which discounts agreement by chance) says
+    whether it makes that comparison at all."""
+    from sklearn.metrics import cohen_kappa_score
+
     named: dict[tuple[str, str], str | None] = {}
     for r in rows.values():
         if r["answer_type"] == "OPEN" and r["content_type"] in IMPLIED:
             options = IMPLIED[r["content_type"]][0]
             said = normalize_answer(r["generated"])
             named[r["image"], r["content_type"]] = next((o for o in options if normalize_answer(o) == said), None)
-    right = n = 0
+    gold, implied, answered = [], [], []
     for r in rows.values():
         key = (r["image"], r["content_type"])
         if r["answer_type"] != "CLOSED" or not is_yes_no(r["output"]) or key not in named:
             continue
         option = named[key]
-        implied = "yes" if option is not None and r["instruction"] == IMPLIED[r["content_type"]][1](option) else "no"
-        right += implied == normalize_answer(r["output"])
-        n += 1
-    return {"yes_no_implied_accuracy": right / n if n else None, "yes_no_implied_n": n}
+        matches = option is not None and r["instruction"] == IMPLIED[r["content_type"]][1](option)
+        gold.append(normalize_answer(r["output"]))
+        implied.append("yes" if matches else "no")
+        answered.append(first_word(r["generated"]))
+    n = len(gold)
+    if not n:
+        return {"yes_no_implied_accuracy": None, "yes_no_implied_n": 0, "yes_no_agreement": None,
+                "yes_no_agreement_kappa": None}  # fmt: skip
+    one_label = len(set(implied) | set(answered)) < 2  # kappa is undefined
+    return {
+        "yes_no_implied_accuracy": sum(g == i for g, i in zip(gold, implied)) / n,
+        "yes_no_implied_n": n,
+        "yes_no_agreement": sum(a == i for a, i in zip(answered, implied)) / n,
+        "yes_no_agreement_kappa": None if one_label else float(cohen_kappa_score(implied, answered)),
+    }
 
 
 def majority_rate(test_answers: list[str]) -> float:
@@ -328,6 +344,8 @@ no source file or volume with training. Metrics are on the test split; nothing w
 exceeds that comes from reading the image. "Yes/no via own open answer" scores the yes/no answers
 that the model's own open answer about the same image implies ("MRI" to "What modality ...?" implies Yes to "Is
 this an MRI?"): what a perfect comparison of image and question would reach with what the model recognises.
+How often the real yes/no answers agree with those (Cohen's kappa: 0 is chance agreement) says whether the
+model compares at all.
 Closed answers are right when the first word is the gold yes/no; open recall is the share of the
 gold answer's words found in the answer (LLaVA-Med's measure). Captions: pycocoevalcap (SPICE skipped).
 Greedy decoding. Total run {summary['seconds'].get('total', 0):.0f} s.</p>

@@ -40,7 +40,7 @@ def test_summary_has_both_models_and_the_reference_rates(demo_run):
         assert 0.0 <= metrics["closed_accuracy"] <= 1.0 and metrics["cider"] >= 0.0
         # every yes/no question follows its image's open question of the same content type
         assert metrics["yes_no_implied_n"] == metrics["closed_yes_no_n"] > 0
-        assert 0.0 <= metrics["yes_no_implied_accuracy"] <= 1.0
+        assert 0.0 <= metrics["yes_no_implied_accuracy"] <= 1.0 and 0.0 <= metrics["yes_no_agreement"] <= 1.0
     assert on_disk["training"]["steps"] == 3
     assert on_disk["training"]["llm_unchanged"] is True
 

@@ -106,5 +106,12 @@ def test_yes_no_implied_by_the_models_own_open_answer():
         row("c.jpg", "Is this an MRI?", "Yes", "Yes"),  # no open answer for c: not counted
         row("a.jpg", "Is this a CT scan or an MRI?", "MRI", "MRI"),  # choice: not counted
     ]))  # fmt: skip
-    assert implied_yes_no(rows) == {"yes_no_implied_accuracy": 3 / 5, "yes_no_implied_n": 5}
-    assert implied_yes_no({}) == {"yes_no_implied_accuracy": None, "yes_no_implied_n": 0}
+    out = implied_yes_no(rows)
+    assert out["yes_no_implied_accuracy"] == 3 / 5 and out["yes_no_implied_n"] == 5
+    # implied yes, no, no, no, no; answered no, no, yes, yes, yes: they agree once, below chance
+    assert out["yes_no_agreement"] == 1 / 5
+    chance = 1 / 5 * 3 / 5 + 4 / 5 * 2 / 5
+    assert out["yes_no_agreement_kappa"] == pytest.approx((1 / 5 - chance) / (1 - chance))
+    consistent = {0: rows[0], 1: {**rows[1], "generated": "Yes"}, 2: rows[2]}
+    assert implied_yes_no(consistent)["yes_no_agreement_kappa"] == 1.0
+    assert implied_yes_no({})["yes_no_implied_n"] == 0
