@@ -218,7 +218,7 @@ def summary_figure(summary: dict[str, Any], history: list[tuple[int, float]], pa
             bars = ax.bar([x + offset for x in xs], values, width=0.4, color=colour,
                           label="untrained" if name == "baseline" else "trained")  # fmt: skip
             ax.bar_label(bars, fmt="%.2f", fontsize=8)
-        ax.set_xticks(list(xs), [labels[k] for k in keys])
+        ax.set_xticks(list(xs), [labels[k] for k in keys], fontsize=8)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].axhline(summary["majority_rate"], color="#c0392b", ls="--", lw=1, label="majority answer (closed)")
