@@ -83,7 +83,8 @@ class QuestionFiLM(ClsMLP):
 
     def __init__(self, in_dim: int, llm_dim: int, num_tokens: int = DEFAULT_NUM_IMAGE_TOKENS):
         super().__init__(in_dim, llm_dim, num_tokens)
-        self.film = nn.Linear(llm_dim, llm_dim)  # a named member: never run by Sequential's forward
+        # registered after 0-2; forward below applies it (Sequential.forward would chain it on)
+        self.film = nn.Linear(llm_dim, llm_dim)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
 
