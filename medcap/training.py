@@ -44,7 +44,9 @@ def build_llm(cfg_model: DictConfig, checkpointer: Any, dtype: torch.dtype) -> t
     )
 
 
-def fuse_from_config(cfg: DictConfig, decoder: Any, tokenizer: Any, vision_checkpoint: Any = None) -> MedcapModel:
+def fuse_from_config(
+    cfg: DictConfig, decoder: Any, tokenizer: Any, vision_checkpoint: str | Path | None = None
+) -> MedcapModel:
     """The vision side from the top-level keys of the original command line (``vision``,
     ``vision_checkpoint``) and medcap's additions, read in one place for training and evaluation."""
     return build_medcap_model(

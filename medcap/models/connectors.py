@@ -33,9 +33,10 @@ class ClsMLP(nn.Sequential):
     def forward(self, features: VisionFeatures) -> torch.Tensor:
         return self.tokens(features.pooled)
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[M, in_dim] -> [M, N, llm_dim]."""
-        out = nn.Sequential.forward(self, x)
+    def tokens(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, in_dim] -> [M, N, llm_dim]; ``scale`` [M, llm_dim] multiplies the hidden features."""
+        hidden = self[1](self[0](x))
+        out = self[2](hidden if scale is None else hidden * scale)
         return out.view(out.shape[0], self.num_tokens, self.llm_dim)
 
 
@@ -83,16 +84,13 @@ class QuestionFiLM(ClsMLP):
 
     def __init__(self, in_dim: int, llm_dim: int, num_tokens: int = DEFAULT_NUM_IMAGE_TOKENS):
         super().__init__(in_dim, llm_dim, num_tokens)
-        # registered after 0-2; forward below applies it (Sequential.forward would chain it on)
         self.film = nn.Linear(llm_dim, llm_dim)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
 
     def forward(self, features: VisionFeatures, question: torch.Tensor) -> torch.Tensor:
-        pooled = features.pooled
-        q = F.layer_norm(question.to(pooled.dtype), (question.shape[-1],))
-        out = self[2](self[1](self[0](pooled)) * (1 + self.film(q)))
-        return out.view(out.shape[0], self.num_tokens, self.llm_dim)
+        q = F.layer_norm(question.to(features.pooled.dtype), (question.shape[-1],))
+        return self.tokens(features.pooled, scale=1 + self.film(q))
 
 
 def build_connector(
@@ -104,12 +102,9 @@ def build_connector(
     llm_dim: int,
     num_image_tokens: int | None = None,
 ) -> ClsMLP | PatchMLP | QuestionMLP | QuestionFiLM:
-    if name == "cls_mlp":
-        return ClsMLP(pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
-    if name == "question_mlp":
-        return QuestionMLP(pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
-    if name == "question_film":
-        return QuestionFiLM(pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
+    pooled = {cls.kind: cls for cls in (ClsMLP, QuestionMLP, QuestionFiLM)}  # one pooled vector -> N tokens
+    if name in pooled:
+        return pooled[name](pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
     if name == "patch_mlp":
         if num_image_tokens not in (None, num_patches):
             raise ValueError(
