@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         args.csv_path, backend, batch_size=args.max_batch_size, template=template, skip_exact=args.skip_exact,
         fits=fits, write_files=rank == 0,
     )  # fmt: skip
+    if isinstance(backend, judge.TorchtuneBackend):
+        backend.close()
     if rank != 0:
         return
     out, acc, js = judge.output_paths(Path(args.csv_path))

@@ -7,6 +7,7 @@ Read top to bottom: ``setup`` (tokenizer, LLM, vision side, data, optimizer, sch
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import resource
 import time
@@ -30,6 +31,7 @@ from medcap.training import (
     build_model,
     build_optimizer,
     config_as_dict,
+    end_distributed,
     load_recipe_state,
     plot_loss_curve,
     resolve_precision,
@@ -375,10 +377,14 @@ class VisionFinetuneRecipe:
         if self.metric_logger is not None:
             self.metric_logger.close()
         if self.distributed:
-            torch.distributed.destroy_process_group()
+            end_distributed()
 
 
 def run(cfg: DictConfig, distributed: bool = False) -> None:
+    if distributed:
+        # a rank killed by a signal (SIGABRT from a C++ thread, a hang ended by torchrun) prints
+        # its Python stacks instead of only an exit code in torchrun's summary
+        faulthandler.enable()
     recipe = VisionFinetuneRecipe(cfg, distributed=distributed)
     recipe.setup()
     recipe.train()

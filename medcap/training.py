@@ -166,3 +166,12 @@ def plot_loss_curve(steps: list[int], losses: list[float], path: Path) -> Path |
 def steps_per_epoch(num_batches: int, accumulation: int, max_steps: int | None) -> int:
     steps = math.ceil(num_batches / accumulation)
     return min(steps, max_steps) if max_steps else steps
+
+
+def end_distributed() -> None:
+    """Tear the process group down on every rank together. A rank that destroys (or, worse,
+    exits without destroying) its gloo group while a peer is still writing checkpoints can
+    abort at exit with "terminate called without an active exception"."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

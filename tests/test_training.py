@@ -327,3 +327,20 @@ def test_optimizer_choices():
     assert not torch.equal(before, params[0])
     with pytest.raises(ValueError, match="cannot run under FSDP2"):
         build_optimizer(bnb_cfg, params, torch.device("cpu"), True)
+
+
+def test_end_distributed_tears_the_group_down(tmp_path):
+    """Training and the tensor-parallel judge end with it on every rank; without a group it is a no-op."""
+    import torch.distributed as dist
+
+    from medcap.training import end_distributed
+
+    end_distributed()  # nothing initialised: nothing to do, no error
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        end_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -296,6 +296,13 @@ class TorchtuneBackend:
     def __call__(self, prompts: list[str]) -> list[str]:
         return self.reply([[("user", p)] for p in prompts])
 
+    def close(self) -> None:
+        """Under torchrun every rank must call this once judging is done (see end_distributed)."""
+        if self.world_size > 1:
+            from medcap.training import end_distributed
+
+            end_distributed()
+
 
 def chat(
     backend: TorchtuneBackend, read: Callable[[str], str] = input, write: Callable[[str], None] = print
