@@ -144,8 +144,8 @@ def load_nifti_slice(
     across, down = (float(z) for i, z in enumerate(img.header.get_zooms()[:3]) if i != axis)
     if min(across, down) > 0 and not np.isclose(across, down, rtol=0.01):
         finest = min(across, down)
-        size = (round(out.width * across / finest), round(out.height * down / finest))
-        out = out.resize(size, Image.Resampling.BICUBIC)
+        square = (round(out.width * across / finest), round(out.height * down / finest))
+        out = out.resize(square, Image.Resampling.BICUBIC)
     return out.convert("RGB")
 
 
