@@ -40,7 +40,7 @@ demo: install java
 
 # medcap's core loop on a tiny random LLM in Meta's format, in seconds
 smoke: install
-	$(PY) -m medcap.smoke --output_dir demo_output/smoke
+	$(PY) -m medcap.demo.smoke --output_dir demo_output/smoke
 
 lint: install
 	$(VENV)/bin/ruff check .

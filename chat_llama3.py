@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from medcap.evaluation import judge
+    from medcap.evaluation.outputs import judge_outputs
 
     if args.backend == "openai":
         if not (args.base_url and args.model):
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         backend.close()
     if rank != 0:
         return
-    out, acc, js = judge.output_paths(Path(args.csv_path))
+    out, acc, js = judge_outputs(args.csv_path)
     a = summary["all"]
     print(f"judged {a['n']}: right {a['right']}, wrong {a['wrong']}, unparsed {a['unparsed']}, "
           f"exact (skipped) {a['exact']}, too long {a['too_long']}; accuracy {a['accuracy']}")  # fmt: skip

@@ -6,22 +6,30 @@
 
 Recipes and configs are files under the repository's ``recipes/`` folder, resolved by path:
 torchtune installs a top-level ``recipes`` package of its own, so medcap never imports its
-recipes as a package (and ``tune run recipes/X.py`` runs into torchtune's package instead).
+recipes as a package. (torchtune's own ``tune run recipes/X.py`` imports the file as the module
+``recipes.X``; with the repository root first on the path, ``PYTHONPATH=. tune run ...``, it
+finds this repository's ``recipes`` package instead of torchtune's: see ``recipes/__init__.py``.)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import runpy
 import shutil
 import sys
 from pathlib import Path
+from types import ModuleType
 
+# One training recipe serves one device and FSDP2 (chosen by how it is launched); the
+# original's two names stay as aliases.
 RECIPES = {
-    "full_finetune_single_device": "full_finetune_single_device.py",
-    "full_finetune_distributed": "full_finetune_distributed.py",
+    "full_finetune": "full_finetune.py",
+    "full_finetune_single_device": "full_finetune.py",
+    "full_finetune_distributed": "full_finetune.py",
     "generate": "generate.py",
+    "probe": "probe.py",
 }
 
 
@@ -49,6 +57,16 @@ def resolve_recipe(name: str) -> Path:
     if path.is_file():
         return path.resolve()
     raise SystemExit(f"unknown recipe {name!r}: medcap's recipes are {sorted(RECIPES)}, or give a file path")
+
+
+def load_recipe(name: str) -> ModuleType:
+    """A recipe file as a module (its classes, to drive a recipe from Python or a test)."""
+    path = resolve_recipe(name)
+    spec = importlib.util.spec_from_file_location(f"medcap_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the recipe look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def resolve_config(name: str) -> Path:
@@ -114,8 +132,11 @@ def _cp(argv: list[str]) -> None:
 
 
 def _validate(argv: list[str]) -> None:
-    """Load a config with overrides and check every ``_component_`` can be imported."""
+    """Load a config with overrides; every ``_component_`` (at any depth) must import, and
+    torchtune's ``config.validate`` binds each top-level component's arguments to its signature."""
     from omegaconf import OmegaConf
+    from torchtune import config
+    from torchtune.config._errors import ConfigError
     from torchtune.config._utils import _get_component_from_path
 
     if not argv:
@@ -134,6 +155,11 @@ def _validate(argv: list[str]) -> None:
                 walk(v, f"{where}.{k}" if where else k)
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
+    if not problems:
+        try:
+            config.validate(cfg)
+        except ConfigError as e:
+            problems += [str(err) for err in e.errors]
     if problems:
         raise SystemExit("config problems:\n  " + "\n  ".join(problems))
     print(f"{argv[0]}: config is well-formed")

@@ -31,6 +31,13 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Pat
     return atomic_write(path, lambda f: f.write(data))
 
 
+def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
+    """A CSV's rows as dicts. A byte order mark (the original medcap wrote its CSVs as
+    ``utf-8-sig``, as spreadsheet programs expect) is not part of the first column's name."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
 class ResumableCSV:
     """An output CSV written a row at a time (flushed), keyed by an ``index`` column, so that an
     interrupted run leaves every finished row behind and a rerun does only the rest.
@@ -42,10 +49,9 @@ class ResumableCSV:
         self.path = Path(path)
         self.done: dict[int, dict[str, str]] = {}
         if self.path.exists():
-            with open(self.path, newline="", encoding="utf-8") as f:
-                self.done = {
-                    int(r["index"]): r for r in csv.DictReader(f) if (r.get("index") or "").isdigit()
-                }
+            self.done = {
+                int(r["index"]): r for r in read_csv_rows(self.path) if (r.get("index") or "").strip().isdigit()
+            }
         new_file = not self.path.exists()
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)

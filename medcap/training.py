@@ -1,5 +1,6 @@
-"""Pieces the training recipes arrange: model set-up from a config, precision policy, the
-resumable sampler, recipe state, and the loss curve.
+"""Pieces the training recipe (``recipes/full_finetune.py``) arranges: the dataset and optimizer
+from the config, RNG and recipe state for exact resumes, step counting, and the loss curve.
+Model assembly is in ``medcap.models.assembly``; devices and process groups in ``medcap.distributed``.
 """
 
 from __future__ import annotations
@@ -12,63 +13,15 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchtune import config, training
+from torchtune import config
 
-from medcap.data.dataset import image_token_id, resolve_dataset_component
+from medcap.data.dataset import resolve_dataset_component
 from medcap.models.checkpoints import safe_load
-from medcap.models.fusion import MedcapModel, build_medcap_model
-from medcap.models.llms import decoder_from_state
+from medcap.models.fusion import MedcapModel
 
 log = logging.getLogger("medcap")
 RECIPE_STATE = "recipe_state.pt"
 BNB_PREFIX = "bitsandbytes."
-
-
-def resolve_precision(device: torch.device, dtype_name: str) -> torch.dtype:
-    """The frozen LLM's dtype: as configured on GPU (bf16 by default); fp32 on CPU, where bf16
-    matmuls are slow and torchtune refuses them."""
-    dtype = training.get_dtype(dtype_name, device=device) if device.type != "cpu" else torch.float32
-    if device.type == "cpu" and dtype_name not in ("fp32", "float32"):
-        log.warning("dtype=%s requested on CPU: running everything in fp32", dtype_name)
-    return dtype
-
-
-def build_llm(cfg_model: DictConfig, checkpointer: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """``cfg.model`` with the weights ``checkpointer`` reads (Meta or HF format)."""
-    from torchtune.training import MODEL_KEY
-
-    state = checkpointer.load_checkpoint()[MODEL_KEY]
-    where = getattr(checkpointer, "_checkpoint_dir", "the LLM checkpoint")
-    return decoder_from_state(
-        lambda: config.instantiate(cfg_model), state, dtype, f"LLM checkpoint in {where}"
-    )
-
-
-def fuse_from_config(
-    cfg: DictConfig, decoder: Any, tokenizer: Any, vision_checkpoint: str | Path | None = None
-) -> MedcapModel:
-    """The vision side from the top-level keys of the original command line (``vision``,
-    ``vision_checkpoint``) and medcap's additions, read in one place for training and evaluation."""
-    return build_medcap_model(
-        decoder,
-        image_token_id=image_token_id(tokenizer),
-        vision=cfg.get("vision", "biomedclip"),
-        vision_path=cfg.get("vision_path"),
-        connector=cfg.get("connector"),
-        num_image_tokens=cfg.get("num_image_tokens"),
-        vision_checkpoint=vision_checkpoint,
-        freeze_vision_encoder=cfg.get("freeze_vision_encoder", False),
-        turn_end_ids=getattr(tokenizer, "stop_tokens", ()),
-    )
-
-
-def build_model(cfg: DictConfig, tokenizer: Any, checkpointer: Any, llm_dtype: torch.dtype) -> MedcapModel:
-    """LLM from ``cfg.model`` + ``checkpointer``, then the vision side (see ``fuse_from_config``)."""
-    model = fuse_from_config(cfg, build_llm(cfg.model, checkpointer, llm_dtype), tokenizer, cfg.get("vision_checkpoint"))
-    # trainable weights stay fp32 (pure-bf16 AdamW rounds small updates away)
-    model.visual.float()
-    model.projector.float()
-    return model
 
 
 def build_dataset(cfg_dataset: DictConfig, tokenizer: Any, model: MedcapModel, augment: Any = None):
@@ -166,12 +119,3 @@ def plot_loss_curve(steps: list[int], losses: list[float], path: Path) -> Path |
 def steps_per_epoch(num_batches: int, accumulation: int, max_steps: int | None) -> int:
     steps = math.ceil(num_batches / accumulation)
     return min(steps, max_steps) if max_steps else steps
-
-
-def end_distributed() -> None:
-    """Tear the process group down on every rank together. A rank that destroys (or, worse,
-    exits without destroying) its gloo group while a peer is still writing checkpoints can
-    abort at exit with "terminate called without an active exception"."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

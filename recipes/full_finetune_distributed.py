@@ -1,23 +1,9 @@
-"""Train the vision encoder + connector against a frozen LLM across GPUs (or CPU processes) with
-FSDP2: the frozen decoder layers and the trainable parts are sharded.
+"""The original's file name for ``recipes/full_finetune.py`` (one file serves one device and
+FSDP2), kept so that scripts calling ``recipes/full_finetune_distributed.py`` by path keep working.
+``medcap cp full_finetune_distributed`` copies the recipe itself, not this file."""
 
-    medcap run --nproc_per_node 8 full_finetune_distributed --config llama3/8B_full [key=value ...]
-
-Multi-node: add torchrun's own flags (--nnodes, --node_rank, --rdzv_backend, --rdzv_endpoint).
-"""
-
-import sys
-
-from omegaconf import DictConfig
-from torchtune import config
-
-from medcap.finetune import run
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    run(cfg, distributed=True)
-
+import runpy
+from pathlib import Path
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    runpy.run_path(str(Path(__file__).with_name("full_finetune.py")), run_name="__main__")

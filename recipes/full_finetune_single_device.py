@@ -1,22 +1,9 @@
-"""Train the vision encoder + connector against a frozen LLM on one device.
+"""The original's file name for ``recipes/full_finetune.py`` (one file serves one device and
+FSDP2), kept so that scripts calling ``recipes/full_finetune_single_device.py`` by path keep working.
+``medcap cp full_finetune_single_device`` copies the recipe itself, not this file."""
 
-    medcap run full_finetune_single_device --config llama3/8B_full_single_device [key=value ...]
-
-The recipe is ``medcap.finetune.VisionFinetuneRecipe``: setup, train loop, save.
-"""
-
-import sys
-
-from omegaconf import DictConfig
-from torchtune import config
-
-from medcap.finetune import run
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    run(cfg, distributed=False)
-
+import runpy
+from pathlib import Path
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    runpy.run_path(str(Path(__file__).with_name("full_finetune.py")), run_name="__main__")

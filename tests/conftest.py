@@ -164,7 +164,7 @@ def load_tiny_decoder(spec: TinyLlama, folder: Path, fmt: str, output_dir: Path)
     """The decoder through torchtune's own checkpointers, as a recipe loads it."""
     from torchtune.training import FullModelHFCheckpointer, FullModelMetaCheckpointer
 
-    from medcap.models.checkpoints import load_llm_weights
+    from medcap.models.assembly import load_llm_weights
 
     if fmt == "meta":
         ckpt = FullModelMetaCheckpointer(
@@ -260,7 +260,7 @@ def smollm2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_slake(tmp_path_factory) -> tuple[Path, dict]:
     """The demo's mini SLAKE (built from images shipped in packages), once: (root, counts)."""
-    from medcap.data.demo_slake import build
+    from medcap.demo.slake import build
 
     root = tmp_path_factory.mktemp("demo") / "SLAKE"
     return root, build(root, seed=0)

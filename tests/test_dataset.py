@@ -118,7 +118,8 @@ def test_tokenizer_max_seq_len_is_taken_over_by_the_dataset(llama3_tokenizer_pat
     tok = llama3_tokenizer(str(llama3_tokenizer_path), max_seq_len=30)
     path = write_json(data_dir / "d.json", [qa("blah " * 40 + "<image>", "x")])
     ds = ImageChatDataset(tok, path, num_image_tokens=N, image_transform=transform)
-    assert ds.max_seq_len == 30 and tok.max_seq_len is None
+    assert ds.max_seq_len == 30 and ds.tokenizer.max_seq_len is None
+    assert tok.max_seq_len == 30  # the caller's tokenizer is not changed behind its back
     assert ds[0] is None  # skipped, not silently cut inside the tokenizer
 
 

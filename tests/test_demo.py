@@ -14,7 +14,7 @@ METRIC_KEYS = {"closed_accuracy", "open_recall", "open_f1", "bleu4", "rouge_l", 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, smollm2, demo_slake):
-    from medcap.demo import DemoPaths, main
+    from medcap.demo.pipeline import DemoPaths, main
 
     root = tmp_path_factory.mktemp("demo_run")
     paths = DemoPaths(root)
@@ -63,7 +63,7 @@ def test_answers_come_from_the_model_and_evaluations_are_fresh(demo_run):
 
 
 def test_second_run_reuses_data_and_llm(demo_run, capfd):
-    from medcap.demo import prepare
+    from medcap.demo.pipeline import prepare
 
     paths, _ = demo_run
     timings: dict[str, float] = {}

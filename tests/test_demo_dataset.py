@@ -40,7 +40,7 @@ def test_slake_format_and_real_readers(demo, tmp_path):
 
 
 def test_closed_answers_are_balanced_and_sources_not_shared(demo):
-    from medcap.data.demo_slake import dicom_sources, split_groups, volume_sources
+    from medcap.demo.slake import dicom_sources, split_groups, volume_sources
 
     root, _ = demo
     for part in ("train", "test"):
@@ -64,7 +64,7 @@ def test_closed_answers_are_balanced_and_sources_not_shared(demo):
 def test_a_blind_answerer_stays_near_chance(demo):
     """Fitted on train, answering each closed test question by its text alone."""
     from medcap.data.sources import read_slake
-    from medcap.demo_report import majority_rate, question_prior_rate
+    from medcap.demo.report import majority_rate, question_prior_rate
 
     root, _ = demo
     closed = {
@@ -78,7 +78,7 @@ def test_a_blind_answerer_stays_near_chance(demo):
 
 
 def test_blind_rates():
-    from medcap.demo_report import majority_rate, question_prior_rate
+    from medcap.demo.report import majority_rate, question_prior_rate
 
     assert majority_rate(["Yes", "No", "yes", "MRI"]) == 0.5
     train = [("Is this an MRI?", "Yes"), ("Is this an MRI?", "Yes"), ("Is this a CT?", "No"), ("Is this a CT?", "Yes")]
@@ -88,7 +88,7 @@ def test_blind_rates():
 
 
 def test_yes_no_implied_by_the_models_own_open_answer():
-    from medcap.demo_report import implied_yes_no
+    from medcap.demo.report import implied_yes_no
 
     def row(image, question, gold, said, answer_type="CLOSED", content_type="Modality"):
         return {"image": image, "instruction": question, "output": gold, "generated": said,

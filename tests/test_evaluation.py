@@ -85,10 +85,11 @@ def read_csv(path):
 
 def test_slake_all_checkpoints_one_llm_load(ws, tmp_path, monkeypatch):
     from medcap.evaluation import runner
+    from medcap.models import assembly
 
     loads = []
-    real = runner.build_llm
-    monkeypatch.setattr(runner, "build_llm", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = assembly.build_llm
+    monkeypatch.setattr(assembly, "build_llm", lambda *a, **k: loads.append(1) or real(*a, **k))
     cfg = make_cfg(ws, tmp_path, "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=direct",
                    f"vision_checkpoint={ws['ckpt']}/meta_model_*.pt", "batch_size=3")  # fmt: skip
     results = runner.Evaluator(cfg).run()
@@ -124,9 +125,11 @@ def test_resume_after_interruption(ws, tmp_path, monkeypatch):
     assert len(full) == 2 and all(r["description"] for r in full)  # two turns: a description first
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]))  # the run died before its last row
+    from medcap.evaluation import answering
+
     calls = []
-    real = runner.generate
-    monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real = answering.generate
+    monkeypatch.setattr(answering, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     runner.Evaluator(cfg).run()
     assert sum(calls) == 2  # one item: its description and its answer
     assert read_csv(path) == full

@@ -175,7 +175,7 @@ def test_torchtune_backend_on_a_tiny_meta_checkpoint(tmp_path, llama3_tokenizer_
 
 def split_meta(single: Path, out: Path, n: int) -> Path:
     """Meta's model-parallel layout: each sharded weight cut along its split dimension."""
-    from medcap.models.llms import _shard_dim
+    from medcap.models.judge_llm import _shard_dim
 
     state = torch.load(single / "consolidated.00.pth", weights_only=True)
     out.mkdir()
@@ -221,7 +221,7 @@ def test_torchrun_two_processes_tensor_parallel_gives_identical_files(tmp_path, 
 
 def test_meta_shards_merge(tmp_path):
     """Meta ships 70B as 8 model-parallel shards: split a tiny checkpoint in two and reload."""
-    from medcap.models.llms import META_SHARD_DIMS, load_meta_llama
+    from medcap.models.judge_llm import META_SHARD_DIMS, load_meta_llama
 
     spec = TinyLlama(vocab_size=512, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=128)
     single = write_meta_checkpoint(make_hf_llama(spec, seed=2), spec, tmp_path / "one")
@@ -232,7 +232,7 @@ def test_meta_shards_merge(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_meta_llama(single)(tokens), load_meta_llama(two)(tokens))
 
-    from medcap.models.llms import ShardPieces, merge_meta_shards
+    from medcap.models.judge_llm import ShardPieces, merge_meta_shards
 
     shards = [torch.load(two / f"consolidated.0{r}.pth", weights_only=True) for r in range(2)]
     pieces = merge_meta_shards(shards)["layers.0.attention.wo.weight"]  # split along dim 1
@@ -281,7 +281,7 @@ def test_nf4_quantized_judge(tmp_path, llama3_tokenizer_path):
 def test_judge_reads_hf_folders_like_meta_ones(tmp_path, scaled_rope):
     """The same weights as an HF safetensors folder and as a Meta folder load to the same model,
     and that model matches transformers (Llama 3.1's scaled RoPE included)."""
-    from medcap.models.llms import load_meta_llama
+    from medcap.models.judge_llm import load_meta_llama
 
     spec = TinyLlama(vocab_size=512, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=256)
     hf = make_hf_llama(spec, seed=4)

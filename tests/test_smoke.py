@@ -14,7 +14,7 @@ import torch
 @pytest.mark.slow
 def test_smoke_main_job(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "medcap.smoke", "--output_dir", str(tmp_path)],
+        [sys.executable, "-m", "medcap.demo.smoke", "--output_dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

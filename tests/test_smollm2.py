@@ -25,7 +25,7 @@ def test_torchtune_decoder_matches_transformers(smollm2, tmp_path):
     from torchtune.training import FullModelHFCheckpointer
     from transformers import AutoModelForCausalLM
 
-    from medcap.models.checkpoints import load_llm_weights
+    from medcap.models.assembly import load_llm_weights
     from medcap.models.llms import smollm2_135m
 
     decoder = smollm2_135m(max_seq_len=512)

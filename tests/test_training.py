@@ -192,6 +192,22 @@ def test_cli_ls_cp_validate(tmp_path):
     assert unknown.returncode != 0 and "unknown recipe 'nope_recipe'" in unknown.stderr
 
 
+def test_copied_recipe_is_editable_and_runs(workspace, tmp_path):
+    """torchtune's workflow: `medcap cp` gives the whole recipe; an edited copy runs as a file."""
+    mine = tmp_path / "my_recipe.py"
+    medcap("cp", "full_finetune_single_device", str(mine))
+    text = mine.read_text()
+    assert "class VisionFinetuneRecipe" in text and "def train(self)" in text  # the loop itself
+    marker = "        trainable, frozen = count_parameters(model)\n"
+    assert marker in text
+    mine.write_text(text.replace(marker, '        self._print("my edited recipe")\n' + marker))
+    args = train_args(workspace, tmp_path / "run", "epochs=1", "max_steps_per_epoch=1")
+    args[1] = str(mine)
+    proc = medcap(*args)
+    assert "my edited recipe" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "checkpoint" / "meta_model_0.pt").is_file()
+
+
 @pytest.mark.slow
 def test_original_readme_training_command(workspace, tmp_path, llama3_tokenizer_path):
     """The original README's command line, every override as written, `medcap` in place of
@@ -243,7 +259,9 @@ def test_recipe_changes_only_the_vision_side(workspace, tmp_path):
     """In process: every LLM tensor is bitwise unchanged after training; every trainable one moved."""
     from omegaconf import OmegaConf
 
-    from medcap.finetune import VisionFinetuneRecipe
+    from medcap.cli import load_recipe
+
+    VisionFinetuneRecipe = load_recipe("full_finetune_single_device").VisionFinetuneRecipe
 
     args = train_args(
         workspace,
@@ -333,7 +351,7 @@ def test_end_distributed_tears_the_group_down(tmp_path):
     """Training and the tensor-parallel judge end with it on every rank; without a group it is a no-op."""
     import torch.distributed as dist
 
-    from medcap.training import end_distributed
+    from medcap.distributed import end_distributed
 
     end_distributed()  # nothing initialised: nothing to do, no error
     store = dist.FileStore(str(tmp_path / "store"), 1)

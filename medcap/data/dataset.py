@@ -9,6 +9,7 @@ medcap trained on the instruction too); image positions never carry loss.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,15 +104,17 @@ class ImageChatDataset(Dataset):
         self.records: list[tuple[Path, dict[str, Any], int]] = [
             (path, rec, i) for path in self.sources for i, rec in enumerate(read_records(path))
         ]
+        # torchtune tokenizers truncate inside tokenize_messages, which could cut an image id
+        # before it is expanded; the dataset owns truncation instead, on its own copy of the
+        # tokenizer (the caller's keeps its limit)
+        tokenizer_limit = getattr(tokenizer, "max_seq_len", None)
+        if tokenizer_limit:
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.max_seq_len = None
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.image_transform = image_transform
         self.image_id = image_token_id(tokenizer)
-        # torchtune tokenizers truncate inside tokenize_messages, which could cut an image id
-        # before it is expanded; the dataset owns truncation instead.
-        tokenizer_limit = getattr(tokenizer, "max_seq_len", None)
-        if tokenizer_limit:
-            tokenizer.max_seq_len = None
         self.max_seq_len = max_seq_len or tokenizer_limit
         self.train_on_input = train_on_input
         self.new_system_prompt = new_system_prompt

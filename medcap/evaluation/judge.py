@@ -9,7 +9,6 @@ for the substring "right" first, so "WRONG, the right answer is..." scored as co
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import string
@@ -24,8 +23,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from medcap.evaluation.outputs import judge_outputs
 from medcap.evaluation.vqa import normalize_answer
-from medcap.io import ResumableCSV, atomic_write, atomic_write_json
+from medcap.io import ResumableCSV, atomic_write, atomic_write_json, read_csv_rows
 
 # The original's prompt, in its meaning: reply only RIGHT or WRONG; Question / Our answer /
 # Correct answer. A --template file may replace it ({question}, {prediction}, {answer}).
@@ -73,8 +73,7 @@ def read_items(csv_path: Path) -> list[JudgeItem]:
     correct answer, generated = ours."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"--csv_path {csv_path} not found")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(csv_path)
     missing = [c for c in ("instruction", "output", "generated") if rows and c not in rows[0]]
     if missing:
         raise ValueError(
@@ -87,12 +86,7 @@ def read_items(csv_path: Path) -> list[JudgeItem]:
     ]  # fmt: skip
 
 
-def output_paths(csv_path: Path) -> tuple[Path, Path, Path]:
-    stem = csv_path.with_suffix("")
-    return Path(f"{stem}_70B_out.csv"), Path(f"{stem}_70B_acc.csv"), Path(f"{stem}_70B_summary.json")
-
-
-def summarize(rows: Sequence[dict[str, str]]) -> dict[str, Any]:
+def summarize_verdicts(rows: Sequence[dict[str, str]]) -> dict[str, Any]:
     def cell(subset):
         counts = {v: sum(r["verdict"] == v for r in subset) for v in VERDICTS}
         judged = len(subset) - counts["too_long"]
@@ -121,7 +115,7 @@ def run_judge(
     """Judge every row not judged yet, appending to ``<csv>_70B_out.csv`` as it goes.
     ``write_files=False`` (tensor-parallel ranks but the first) judges in lockstep, writing nothing."""
     csv_path = Path(csv_path)
-    out_path, acc_path, summary_path = output_paths(csv_path)
+    out_path, acc_path, summary_path = judge_outputs(csv_path)
     items = read_items(csv_path)
     with ResumableCSV(out_path, OUT_COLUMNS, write=write_files) as out:
         todo = [it for it in items if it.index not in out.done]
@@ -151,7 +145,7 @@ def run_judge(
         bar.close()
     done = out.done
     rows = [done[it.index] for it in items if it.index in done]
-    summary = summarize(rows)
+    summary = summarize_verdicts(rows)
     if not write_files:
         return summary
     accuracy = summary["all"]["accuracy"]
@@ -214,13 +208,11 @@ class TorchtuneBackend:
         import torch
         from torchtune.models.llama3 import llama3_tokenizer
 
-        from medcap.models.llms import load_meta_llama, quantize_nf4_
+        from medcap.distributed import setup_device
+        from medcap.models.judge_llm import load_meta_llama, load_tensor_parallel, quantize_nf4_
 
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.world_size > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
+        self.device = setup_device(device, distributed=self.world_size > 1)
         self.tokenizer = llama3_tokenizer(tokenizer_path)
         if quantize not in (None, "nf4"):
             raise ValueError(f"--quantize {quantize}: only nf4 is supported")
@@ -229,7 +221,7 @@ class TorchtuneBackend:
                 "--quantize nf4 is for one GPU; several processes use tensor parallelism instead"
             )
         if self.world_size > 1:
-            self.model = self._tensor_parallel(ckpt_dir, max_seq_len)
+            self.model = load_tensor_parallel(ckpt_dir, max_seq_len, self.device, self.world_size)
         else:
             self.model = load_meta_llama(ckpt_dir, max_seq_len=max_seq_len)
             if self.device.type == "cpu":
@@ -241,31 +233,6 @@ class TorchtuneBackend:
         self.max_seq_len, self.max_new_tokens = max_seq_len, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
-
-    def _tensor_parallel(self, ckpt_dir: str, max_seq_len: int):
-        import torch
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import parallelize_module
-        from torchtune.models.llama3._parallelism import base_llama_tp_plan
-        from torchtune.training import prepare_mha_for_tp, set_default_dtype
-
-        from medcap.models.llms import load_tensor_parallel_, meta_llama_parts, rope_init
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        build, state, dtype = meta_llama_parts(ckpt_dir, max_seq_len)
-        if self.device.type == "cpu":
-            dtype = torch.float32
-        with set_default_dtype(dtype), torch.device("meta"):
-            model = build()
-        prepare_mha_for_tp(model, mesh)
-        parallelize_module(model, mesh, base_llama_tp_plan())
-        load_tensor_parallel_(model, state, self.device, dtype)
-        with self.device:
-            rope_init(model)
-        return model
 
     def encode(self, dialog: list[tuple[str, str]]) -> list[int]:
         """(role, text) turns, then the assistant header: the prompt the reply continues."""
@@ -299,7 +266,7 @@ class TorchtuneBackend:
     def close(self) -> None:
         """Under torchrun every rank must call this once judging is done (see end_distributed)."""
         if self.world_size > 1:
-            from medcap.training import end_distributed
+            from medcap.distributed import end_distributed
 
             end_distributed()
 

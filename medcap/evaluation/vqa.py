@@ -89,7 +89,7 @@ def _cell(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summarize(items: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def summarize_scores(items: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """``items``: dicts with prediction, answer, answer_type and optionally content_type.
     Returns overall figures, and the same by content type, with counts in every cell."""
     rows = []

@@ -1,5 +1,5 @@
-"""Weights in and out: the frozen LLM through torchtune's checkpointers, and the small vision
-checkpoint (ours and the original medcap layouts) that holds only what learned.
+"""Weights in and out: the small vision checkpoint (ours and the original medcap layouts) that
+holds only what learned, the strict loader every load goes through, and export to open_clip.
 
 Vision checkpoint layout (``meta_model_{epoch}.pt``, and the original release ``last.pt``)::
 
@@ -177,16 +177,6 @@ def vision_checkpoint_payload(
 
 def save_vision_checkpoint(model: nn.Module, path: str | Path, **meta: Any) -> Path:
     return atomic_save(vision_checkpoint_payload(model, **meta), path)
-
-
-def load_llm_weights(decoder: nn.Module, checkpointer: Any) -> None:
-    """Load the LLM through a torchtune checkpointer (Meta ``consolidated.00.pth`` or HF
-    safetensors), naming any key or shape that does not fit the configured decoder."""
-    from torchtune.training import MODEL_KEY
-
-    state = checkpointer.load_checkpoint()[MODEL_KEY]
-    where = getattr(checkpointer, "_checkpoint_dir", "the LLM checkpoint")
-    load_checked(decoder, state, f"LLM checkpoint in {where}")
 
 
 # A one-layer text tower so that ``open_clip.create_model('local-dir:...')`` can build the

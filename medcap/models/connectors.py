@@ -13,7 +13,6 @@ from torch import nn
 
 from medcap.models.vision import VisionFeatures
 
-CONNECTORS = ("cls_mlp", "patch_mlp", "question_mlp", "question_film")
 DEFAULT_NUM_IMAGE_TOKENS = 32
 
 
@@ -93,6 +92,9 @@ class QuestionFiLM(ClsMLP):
         return self.tokens(features.pooled, scale=1 + self.film(q))
 
 
+CONNECTORS = {cls.kind: cls for cls in (ClsMLP, PatchMLP, QuestionMLP, QuestionFiLM)}
+
+
 def build_connector(
     name: str,
     *,
@@ -102,17 +104,16 @@ def build_connector(
     llm_dim: int,
     num_image_tokens: int | None = None,
 ) -> ClsMLP | PatchMLP | QuestionMLP | QuestionFiLM:
-    pooled = {cls.kind: cls for cls in (ClsMLP, QuestionMLP, QuestionFiLM)}  # one pooled vector -> N tokens
-    if name in pooled:
-        return pooled[name](pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
-    if name == "patch_mlp":
-        if num_image_tokens not in (None, num_patches):
-            raise ValueError(
-                f"connector=patch_mlp gives one token per patch ({num_patches}); "
-                f"num_image_tokens={num_image_tokens} cannot be honoured"
-            )
-        return PatchMLP(patch_dim, llm_dim, num_patches)
-    raise ValueError(f"unknown connector {name!r}; choose one of {CONNECTORS}")
+    if name not in CONNECTORS:
+        raise ValueError(f"unknown connector {name!r}; choose one of {tuple(CONNECTORS)}")
+    if CONNECTORS[name] is not PatchMLP:  # one pooled vector -> N tokens
+        return CONNECTORS[name](pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
+    if num_image_tokens not in (None, num_patches):
+        raise ValueError(
+            f"connector=patch_mlp gives one token per patch ({num_patches}); "
+            f"num_image_tokens={num_image_tokens} cannot be honoured"
+        )
+    return PatchMLP(patch_dim, llm_dim, num_patches)
 
 
 def connector_spec(projector_state: dict[str, torch.Tensor]) -> tuple[int, int, int]:

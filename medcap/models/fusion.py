@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules import TransformerDecoder
 
+from medcap.models import checkpoints
 from medcap.models.connectors import build_connector
 from medcap.models.vision import VisionEncoder, build_vision_encoder
-
-IGNORE_INDEX = -100
 
 
 class PlaceholderMismatchError(ValueError):
@@ -96,7 +96,7 @@ class MedcapModel(nn.Module):
         for row in range(h.shape[0]):
             end = h.shape[1]
             if labels is not None:
-                labelled = (labels[row] != IGNORE_INDEX).nonzero()
+                labelled = (labels[row] != CROSS_ENTROPY_IGNORE_IDX).nonzero()
                 end = int(labelled[0]) + 1 if len(labelled) else end
             places = is_image[row].nonzero().flatten().tolist()
             firsts, lasts = places[::n], places[n - 1 :: n]  # each image's first and last placeholder
@@ -157,7 +157,7 @@ class MedcapModel(nn.Module):
         """Logits [B, S, V] for ``tokens`` [B, S] with ``images`` [M, 3, H, W] in row order.
 
         With ``labels`` [B, S] (already shifted: ``labels[:, t]`` is the target after position
-        t, ignore index -100) the output head runs only where a label is, and the result is
+        t, ignore index ``CROSS_ENTROPY_IGNORE_IDX``) the output head runs only where a label is, and the result is
         ``(logits [K, V] in fp32, targets [K])``: with ~400-token prompts and ~30-token answers
         full-vocabulary logits at every position are most of the head's time and memory.
         """
@@ -167,7 +167,7 @@ class MedcapModel(nn.Module):
         for layer in self.decoder.layers:  # TransformerDecoder.forward, minus the head
             h = layer(h, mask=mask, input_pos=input_pos)
         h = self.decoder.norm(h)
-        keep = labels != IGNORE_INDEX
+        keep = labels != CROSS_ENTROPY_IGNORE_IDX
         return self.decoder.output(h[keep]).float(), labels[keep]
 
     # KV-cache plumbing used by generation; the decoder owns the caches.
@@ -242,8 +242,6 @@ def build_medcap_model(
     ``connector`` defaults to ``cls_mlp``. ``turn_end_ids`` (the tokenizer's ``stop_tokens``)
     tell the question connectors where the user's question ends.
     """
-    from medcap.models import checkpoints  # local: checkpoints reads MedcapModel instances
-
     llm_dim = decoder_width(decoder)
     ckpt = None
     if vision_checkpoint is not None:

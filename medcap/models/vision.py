@@ -19,7 +19,7 @@ import torch
 from open_clip.factory import load_state_dict as _open_clip_load_state_dict
 from open_clip.model import _build_vision_tower
 from open_clip.timm_model import TimmModel
-from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
@@ -41,59 +41,37 @@ def list_encoders() -> list[str]:
     return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """How pixels must look before the encoder sees them (open_clip's eval transform)."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
+@dataclass
+class Preprocess(PreprocessCfg):
+    """open_clip's ``PreprocessCfg`` (how pixels must look before the encoder sees them), plus
+    the transforms built from it. medcap's encoders take square inputs."""
 
     @classmethod
     def from_open_clip(cls, cfg: dict[str, Any]) -> Preprocess:
-        base = asdict(PreprocessCfg())
-        base.update({k: v for k, v in cfg.items() if k in base and v is not None})
-        size = base["size"]
+        merged = merge_preprocess_dict(PreprocessCfg(), cfg)
+        size = merged["size"]
         if isinstance(size, (list, tuple)):
             if len(set(size)) != 1:
                 raise ValueError(f"only square encoder inputs are supported, got size={size}")
-            size = size[0]
-        return cls(
-            size=int(size),
-            mean=tuple(base["mean"]),
-            std=tuple(base["std"]),
-            interpolation=base["interpolation"],
-            resize_mode=base["resize_mode"],
-        )
+            merged["size"] = size[0]
+        merged.update(size=int(merged["size"]), mean=tuple(merged["mean"]), std=tuple(merged["std"]))
+        return cls(**merged)
 
     def transform(self, augment: dict[str, Any] | None = None) -> Callable:
         """PIL image -> normalised [3, size, size] tensor (resize shortest side, centre crop).
         ``augment``: open_clip's training augmentation (``AugmentationCfg`` fields: ``scale`` of
         the random resized crop, ``color_jitter`` + ``color_jitter_prob``, ...); no flips, since
         left and right mean something in a radiograph."""
-        cfg = PreprocessCfg(
-            size=self.size,
-            mean=self.mean,
-            std=self.std,
-            interpolation=self.interpolation,
-            resize_mode=self.resize_mode,
-        )
         if augment:
             with warnings.catch_warnings():  # open_clip warns about the colour items it does use
                 warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
-                return image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(**dict(augment)))
-        return image_transform_v2(cfg, is_train=False)
+                return image_transform_v2(self, is_train=True, aug_cfg=AugmentationCfg(**dict(augment)))
+        return image_transform_v2(self, is_train=False)
 
     def to_open_clip(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "resize_mode": self.resize_mode,
-        }
+        """The ``preprocess_cfg`` entry of an open_clip config."""
+        cfg = asdict(self)
+        return {**cfg, "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
 
 class VisionFeatures(NamedTuple):

@@ -6,14 +6,13 @@ Every step is the command a user runs on real data, printed before it runs: buil
 model (a random vision encoder), train a small ViT + connector with the LLM frozen, evaluate
 again, write ``report.html``, ``summary.png`` and ``summary.json``.
 
-    python -m medcap.demo                       # the full run (about 10 minutes on 2 cores)
+    python -m medcap.demo                       # the full run (about 11 minutes on 2 cores)
     python -m medcap.demo --epochs 1 --max_steps_per_epoch 3 --limit 8   # a quick check
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -24,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from medcap.evaluation.outputs import EvalOutputs
+
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = "smollm2/135M_demo"
 EVAL_CONFIG = "smollm2/135M_demo_generation"
 LLM_NAME = "SmolLM2-135M-Instruct"
@@ -53,6 +54,10 @@ class DemoPaths:
     @property
     def trained(self) -> Path:
         return self.root / "trained"
+
+    @property
+    def checkpoints(self) -> Path:  # the demo config's checkpointer.output_dir
+        return self.trained / "checkpoint"
 
     def eval_dir(self, tag: str) -> Path:
         return self.root / f"eval_{tag}"
@@ -131,9 +136,8 @@ def evaluate(paths: DemoPaths, tag: str, checkpoint: Path | None, limit: int | N
         medcap_run("generate", EVAL_CONFIG, {**common, "test_metrics": True, "dataset_source": paths.data / "slake_test.json"}),
         f"{tag}: caption the held-out test images",
     )  # fmt: skip
-    name = "untrained" if checkpoint is None else checkpoint.stem
-    metrics = json.loads((out / f"metrics_{name}.json").read_text())
-    return {"metrics": metrics, "tag": name, "dir": out, "seconds": seconds, "checkpoint": checkpoint}
+    outputs = EvalOutputs.for_checkpoint(out, checkpoint)
+    return {"metrics": outputs.read_metrics(), "outputs": outputs, "seconds": seconds, "checkpoint": checkpoint}
 
 
 def train(paths: DemoPaths, epochs: int | None, max_steps_per_epoch: int | None) -> tuple[Path, float]:
@@ -152,9 +156,9 @@ def train(paths: DemoPaths, epochs: int | None, max_steps_per_epoch: int | None)
         medcap_run("full_finetune_single_device", TRAIN_CONFIG, overrides),
         "train the small ViT + connector; SmolLM2 stays frozen",
     )
-    checkpoints = sorted((paths.trained / "checkpoint").glob("meta_model_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    checkpoints = sorted(paths.checkpoints.glob("meta_model_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
     if not checkpoints:
-        raise DemoError(f"training wrote no checkpoint in {paths.trained / 'checkpoint'}")
+        raise DemoError(f"training wrote no checkpoint in {paths.checkpoints}")
     return checkpoints[-1], seconds
 
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max_steps_per_epoch", type=int, default=None, help="fewer steps (quick checks)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only (quick checks)")
     args = parser.parse_args(argv)
-    from medcap.demo_report import write_report
+    from medcap.demo.report import write_report
 
     start = time.perf_counter()
     paths = DemoPaths(args.output_dir.resolve())
@@ -179,9 +183,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - start
     return write_report(paths, baseline, trained, timings)
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except DemoError as e:
-        raise SystemExit(f"demo: {e}") from None

@@ -1,15 +1,20 @@
-"""Vision-only fine-tuning against a frozen LLM, on one device or under FSDP2.
+"""Train the vision encoder + connector against a frozen LLM, on one device or under FSDP2.
 
-Read top to bottom: ``setup`` (tokenizer, LLM, vision side, data, optimizer, schedule, resume),
-``train`` (the loop), ``save``. ``recipes/full_finetune_single_device.py`` and
-``recipes/full_finetune_distributed.py`` are the entry points.
+    medcap run full_finetune_single_device --config llama3/8B_full_single_device [key=value ...]
+    medcap run --nproc_per_node 8 full_finetune_distributed --config llama3/8B_full [key=value ...]
+
+Both names run this file: under torchrun (``--nproc_per_node``, or torchrun's multi-node flags)
+the frozen decoder layers and the trainable parts are sharded with FSDP2; otherwise it runs in
+one process. It reads top to bottom: ``setup`` (tokenizer, LLM, vision side, data, optimizer,
+schedule, resume), ``train`` (the loop), ``save``. Copy it to change the loop
+(``medcap cp full_finetune_single_device my_recipe.py``, then ``medcap run my_recipe.py ...``);
+the pieces it arranges live in ``medcap``.
 """
 
 from __future__ import annotations
 
-import faulthandler
-import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,22 +24,22 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchtune import config, modules, training
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from tqdm import tqdm
 
 from medcap.data.collate import build_dataloader
+from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
 from medcap.io import atomic_write_json
+from medcap.models.assembly import build_model, resolve_precision
 from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoint_payload
-from medcap.models.fusion import IGNORE_INDEX, count_parameters, frozen_fingerprint
+from medcap.models.fusion import count_parameters, frozen_fingerprint
 from medcap.training import (
     RECIPE_STATE,
     build_dataset,
-    build_model,
     build_optimizer,
     config_as_dict,
-    end_distributed,
     load_recipe_state,
     plot_loss_curve,
-    resolve_precision,
     rng_state,
     set_rng_state,
     steps_per_epoch,
@@ -63,16 +68,9 @@ class VisionFinetuneRecipe:
     def __init__(self, cfg: DictConfig, distributed: bool = False):
         self.cfg = cfg
         self.distributed = distributed
-        if distributed:
-            backend = "nccl" if cfg.device == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-        self.world_size, self.rank = training.get_world_size_and_rank()
+        self.device = setup_device(cfg.device, distributed)
+        self.world_size, self.rank = world_size_and_rank()
         self.is_rank_zero = self.rank == 0
-        if cfg.device == "cuda":
-            self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device(cfg.device)
         self.llm_dtype = resolve_precision(self.device, cfg.get("dtype", "bf16"))
         self.autocast = self.device.type == "cuda" and self.llm_dtype == torch.bfloat16
         self.seed = training.set_seed(seed=cfg.get("seed"))
@@ -94,11 +92,10 @@ class VisionFinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.tokenizer = config.instantiate(cfg.tokenizer)
-        checkpointer = config.instantiate(cfg.checkpointer)
         # torchtune seeds each rank with seed + rank; the randomly initialised vision side must be
         # the same on every rank (and as in a one-process run), so it is built under the base seed
         torch.manual_seed(self.seed)
-        model = build_model(cfg, self.tokenizer, checkpointer, self.llm_dtype)
+        model = build_model(cfg, self.tokenizer, self.llm_dtype)
         training.set_seed(seed=self.seed)
         trainable, frozen = count_parameters(model)
         self._print(
@@ -181,7 +178,7 @@ class VisionFinetuneRecipe:
     def _micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
-        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], CROSS_ENTROPY_IGNORE_IDX)], dim=1)
         images = batch["images"]
         if images is not None:
             images = images.to(self.device, non_blocking=True)
@@ -264,7 +261,7 @@ class VisionFinetuneRecipe:
                         smp_s=f"{metrics['samples_per_second']:.2f}")  # fmt: skip
         if self.metric_logger is not None and self.global_step % self.log_every == 0:
             if self.device.type == "cuda":
-                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                metrics.update(training.get_memory_stats(self.device, reset_stats=False))
             self.metric_logger.log_dict(metrics, step=self.global_step)
 
     def _global_sums(self, loss_sum: float, label_tokens: int) -> tuple[float, int]:
@@ -353,7 +350,7 @@ class VisionFinetuneRecipe:
             steps, losses = zip(*self.history)
             curve = plot_loss_curve(list(steps), list(losses), Path(self.cfg.output_dir) / "loss_curve.png")
         if self.device.type == "cuda":
-            peak = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB GPU"
+            peak = f"{training.get_memory_stats(self.device)['peak_memory_alloc']:.2f} GiB GPU"
         else:
             peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
         final = f"{self.history[-1][1]:.4f}" if self.history else "n/a"
@@ -380,12 +377,13 @@ class VisionFinetuneRecipe:
             end_distributed()
 
 
-def run(cfg: DictConfig, distributed: bool = False) -> None:
-    if distributed:
-        # a rank killed by a signal (SIGABRT from a C++ thread, a hang ended by torchrun) prints
-        # its Python stacks instead of only an exit code in torchrun's summary
-        faulthandler.enable()
-    recipe = VisionFinetuneRecipe(cfg, distributed=distributed)
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    recipe = VisionFinetuneRecipe(cfg, distributed=launched_by_torchrun())
     recipe.setup()
     recipe.train()
     recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -5,7 +5,7 @@ through torchtune's checkpointer; real DICOM images shipped with pydicom are enc
 ViT; only the encoder and connector train, until the frozen LLM answers each image with that
 image's own target tokens. The vision checkpoint is saved, reloaded, and exported to open_clip.
 
-    python -m medcap.smoke --output_dir demo_output/smoke
+    python -m medcap.demo.smoke --output_dir demo_output/smoke
 """
 
 from __future__ import annotations
@@ -16,17 +16,15 @@ import time
 from pathlib import Path
 
 import torch
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.models.llama3 import llama3
 from torchtune.training import FullModelMetaCheckpointer
 from tqdm import tqdm
 
 from medcap.data.images import load_image
-from medcap.models.checkpoints import (
-    export_open_clip_dir,
-    load_llm_weights,
-    save_vision_checkpoint,
-    write_meta_llm_checkpoint,
-)
+from medcap.generation import generate
+from medcap.models.assembly import load_llm_weights
+from medcap.models.checkpoints import export_open_clip_dir, save_vision_checkpoint, write_meta_llm_checkpoint
 from medcap.models.fusion import build_medcap_model, count_parameters
 
 IMAGES = ("CT_small.dcm", "MR_small.dcm", "liver_1frame.dcm")  # shipped inside pydicom
@@ -74,22 +72,19 @@ def build_batch(num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
         ]
     )
     tokens = torch.cat([prompt.expand(num_images, -1), answers], dim=1)
-    labels = torch.full_like(tokens, -100)
+    labels = torch.full_like(tokens, CROSS_ENTROPY_IGNORE_IDX)
     labels[:, len(prompt) - 1 : -1] = answers  # position t predicts token t+1
     return tokens, labels
 
 
-@torch.no_grad()
 def answer_accuracy(model, tokens: torch.Tensor, images: torch.Tensor) -> float:
     """Greedy decoding of the answer from the prompt; share of answer tokens reproduced."""
     model.eval()
     prompt_len = tokens.shape[1] - ANSWER_LEN
-    seq = tokens[:, :prompt_len]
-    for _ in range(ANSWER_LEN):
-        nxt = model(seq, images=images)[:, -1].argmax(-1, keepdim=True)
-        seq = torch.cat([seq, nxt], dim=1)
+    answers = generate(model, tokens[:, :prompt_len].tolist(), images, max_new_tokens=ANSWER_LEN,
+                       stop_tokens=[], pad_id=0)  # fmt: skip
     model.train()
-    return (seq[:, prompt_len:] == tokens[:, prompt_len:]).float().mean().item()
+    return (torch.tensor(answers) == tokens[:, prompt_len:]).float().mean().item()
 
 
 def load_model(llm_dir: Path, output_dir: Path, vision_checkpoint: Path | None = None):
@@ -134,7 +129,7 @@ def run(output_dir: Path, steps: int = 150, lr: float = 3e-3) -> dict:
     losses = []
     for _ in (bar := tqdm(range(steps), desc="training encoder+connector", unit="step")):
         logits = model(tokens, images=images)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=CROSS_ENTROPY_IGNORE_IDX)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

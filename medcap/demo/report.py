@@ -7,7 +7,6 @@ reaches, the loss curve, and a gallery of held-out test images with the answers 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -15,11 +14,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from medcap.data.demo_slake import MODALITY_WORDS, PLANE_NAMES, modality_question, plane_question
 from medcap.data.sources import read_slake
+from medcap.demo.slake import MODALITY_WORDS, PLANE_NAMES, modality_question, plane_question
 from medcap.evaluation.vqa import closed_correct, first_word, is_yes_no, normalize_answer, score_item
 from medcap.io import atomic_write, atomic_write_json
 from medcap.models.checkpoints import read_vision_checkpoint, safe_load
+from medcap.training import RECIPE_STATE
 
 TABLE = (  # (key, label, count key)
     ("closed_accuracy", "Closed-question accuracy", "closed_n"),
@@ -156,24 +156,13 @@ def reference_rates(slake_root: Path) -> dict[str, float]:
     }
 
 
-def read_rows(path: Path) -> dict[int, dict[str, str]]:
-    if not path.is_file():
-        return {}
-    with path.open(newline="", encoding="utf-8") as f:
-        return {int(r["index"]): r for r in csv.DictReader(f)}
-
-
-def vqa_rows(evaluation: dict[str, Any]) -> dict[int, dict[str, str]]:
-    return read_rows(evaluation["dir"] / f"test_out_slake_{evaluation['tag']}.csv")
-
-
 def vqa_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
-    rows = vqa_rows(evaluation)
+    rows = evaluation["outputs"].rows("slake")
     return {**flat_metrics(evaluation["metrics"]), **closed_kinds(rows), **implied_yes_no(rows)}
 
 
-def loss_history(trained_dir: Path) -> list[tuple[int, float]]:
-    state = trained_dir / "checkpoint" / "recipe_state.pt"
+def loss_history(checkpoint_dir: Path) -> list[tuple[int, float]]:
+    state = checkpoint_dir / RECIPE_STATE
     return [(int(s), float(v)) for s, v in safe_load(state).get("history", [])] if state.is_file() else []
 
 
@@ -274,12 +263,12 @@ def _mark(prediction: str, gold: str, answer_type: str) -> str:
 
 
 def gallery(baseline: dict[str, Any], trained: dict[str, Any]) -> str:
-    before, after = vqa_rows(baseline), vqa_rows(trained)
+    before, after = baseline["outputs"].rows("slake"), trained["outputs"].rows("slake")
     def by_path(rows: dict[int, dict[str, str]]) -> dict[Path, dict[str, str]]:
         return {Path(r["image"]).resolve(): r for r in rows.values()}
 
-    caps_before = by_path(read_rows(baseline["dir"] / f"test_out_{baseline['tag']}.csv"))
-    caps_after = by_path(read_rows(trained["dir"] / f"test_out_{trained['tag']}.csv"))
+    caps_before = by_path(baseline["outputs"].rows("captions"))
+    caps_after = by_path(trained["outputs"].rows("captions"))
     by_image: dict[Path, list[int]] = defaultdict(list)
     for i, row in after.items():
         by_image[Path(row["image"]).resolve()].append(i)
@@ -358,7 +347,7 @@ Greedy decoding. Total run {summary['seconds'].get('total', 0):.0f} s.</p>
 
 def write_report(paths: Any, baseline: dict[str, Any], trained: dict[str, Any], timings: dict[str, float]) -> dict:
     """summary.json, summary.png and report.html under ``paths.root``; prints the table."""
-    history = loss_history(paths.trained)
+    history = loss_history(paths.checkpoints)
     frozen = paths.trained / "frozen_llm.json"
     frozen_check = json.loads(frozen.read_text()) if frozen.is_file() else {}
     counts_file = paths.slake / "demo_counts.json"

@@ -1,0 +1,90 @@
+"""Config -> model: the one path that training, evaluation, serving and the demo take.
+
+The LLM is whatever ``cfg.model`` builds, with the weights ``cfg.checkpointer`` reads (torchtune's
+Meta or HF checkpointers); the vision side comes from the original command line's top-level keys
+(``vision``, ``vision_path``, ``vision_checkpoint``) plus medcap's (``connector``,
+``num_image_tokens``, ``freeze_vision_encoder``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torchtune import config, training
+from torchtune.modules import TransformerDecoder
+
+from medcap.data.dataset import image_token_id
+from medcap.models.checkpoints import load_checked
+from medcap.models.fusion import MedcapModel, build_medcap_model
+from medcap.models.llms import decoder_from_state
+
+log = logging.getLogger("medcap")
+_FROM_CONFIG = object()
+
+
+def resolve_precision(device: torch.device, dtype_name: str) -> torch.dtype:
+    """The frozen LLM's dtype: as configured on GPU (bf16 by default); fp32 on CPU, where bf16
+    matmuls are slow and torchtune refuses them."""
+    dtype = training.get_dtype(dtype_name, device=device) if device.type != "cpu" else torch.float32
+    if device.type == "cpu" and dtype_name not in ("fp32", "float32"):
+        log.warning("dtype=%s requested on CPU: running everything in fp32", dtype_name)
+    return dtype
+
+
+def read_llm_state(checkpointer: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """The LLM's state dict in torchtune names, and where it came from (for error messages)."""
+    state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    return state, f"LLM checkpoint in {getattr(checkpointer, '_checkpoint_dir', 'the LLM checkpoint')}"
+
+
+def load_llm_weights(decoder: torch.nn.Module, checkpointer: Any) -> None:
+    """Load the LLM into an already built decoder, naming any key or shape that does not fit."""
+    load_checked(decoder, *read_llm_state(checkpointer))
+
+
+def build_llm(cfg_model: DictConfig, checkpointer: Any, dtype: torch.dtype) -> TransformerDecoder:
+    """``cfg.model`` built on the meta device, taking the weights ``checkpointer`` reads."""
+    state, what = read_llm_state(checkpointer)
+    return decoder_from_state(lambda: config.instantiate(cfg_model), state, dtype, what)
+
+
+def fuse_from_config(
+    cfg: DictConfig, decoder: TransformerDecoder, tokenizer: Any, vision_checkpoint: str | Path | None = None
+) -> MedcapModel:
+    """The vision side from the config's top-level keys, joined to ``decoder``."""
+    return build_medcap_model(
+        decoder,
+        image_token_id=image_token_id(tokenizer),
+        vision=cfg.get("vision", "biomedclip"),
+        vision_path=cfg.get("vision_path"),
+        connector=cfg.get("connector"),
+        num_image_tokens=cfg.get("num_image_tokens"),
+        vision_checkpoint=vision_checkpoint,
+        freeze_vision_encoder=cfg.get("freeze_vision_encoder", False),
+        turn_end_ids=getattr(tokenizer, "stop_tokens", ()),
+    )
+
+
+def build_model(
+    cfg: DictConfig,
+    tokenizer: Any,
+    llm_dtype: torch.dtype,
+    *,
+    vision_dtype: torch.dtype = torch.float32,
+    vision_checkpoint: Any = _FROM_CONFIG,
+    checkpointer: Any = None,
+) -> MedcapModel:
+    """The LLM (``cfg.model`` + ``cfg.checkpointer``) in ``llm_dtype``, then the vision side in
+    ``vision_dtype``: fp32 for training (pure-bf16 AdamW rounds small updates away).
+    ``vision_checkpoint`` defaults to the config's."""
+    if vision_checkpoint is _FROM_CONFIG:
+        vision_checkpoint = cfg.get("vision_checkpoint")
+    checkpointer = checkpointer if checkpointer is not None else config.instantiate(cfg.checkpointer)
+    model = fuse_from_config(cfg, build_llm(cfg.model, checkpointer, llm_dtype), tokenizer, vision_checkpoint)
+    model.visual.to(vision_dtype)
+    model.projector.to(vision_dtype)
+    return model
