@@ -39,6 +39,52 @@ def test_closed(prediction, answer, right):
     assert closed_correct(prediction, answer) is right
 
 
+# Issue 18, point 7: cases where real model output was scored wrong against VQAv2's normalisation.
+@pytest.mark.parametrize(
+    "prediction, gold, equal",
+    [
+        ("1,000", "1000", True),  # thousands separator
+        ("12,345,678 cells", "12345678 cells", True),
+        ("3,5", "35", False),  # a list or a European decimal: the comma stays a separator
+        ("2,50", "250", False),
+        ("3,5", "3, 5", True),
+        ("dont know", "don't know", True),  # VQA's contractions table
+        ("Isnt", "isn't", True),
+        ("isn\u2019t", "isnt", True),  # typographic apostrophe
+        ("the patient\u2019s liver", "patient's liver", True),
+        (".5 cm", "5 cm", False),  # a leading-period decimal is 0.5, never 5
+        (".5 cm", "0.5 cm", True),
+        ("2.5 cm", "25 cm", False),  # decimal points survive
+        ("Yes\u2026", "yes", True),  # Unicode punctuation stuck to a word
+        ("\u201cYes\u201d", "yes", True),
+        ("yes\uff01", "yes", True),
+        ("CT\u3002", "ct", True),
+        ("\uff23\uff34", "CT", True),  # full-width letters
+        ("3\x015", "3.5", False),  # a control character is no decimal point
+        ("yes\x01", "yes", True),
+    ],
+)
+def test_normalized_equal(prediction, gold, equal):
+    assert (normalize_answer(prediction) == normalize_answer(gold)) is equal
+
+
+@pytest.mark.parametrize(
+    "prediction, answer, right",
+    [
+        ("Yes\u2026", "yes", True),
+        ("\u201cNo\u201d, it is clear.", "No", True),
+        ("yes\uff01", "Yes", True),
+        ("\uff23\uff34", "CT", True),
+        ("CT\u3002", "CT", True),
+        ("Not\u2026", "no", False),  # still the first word, never a substring
+        (".5 cm", "5 cm", False),
+        ("1,000", "1000", True),
+    ],
+)
+def test_closed_unicode_and_numbers(prediction, answer, right):
+    assert closed_correct(prediction, answer) is right
+
+
 def test_open_recall_and_f1():
     assert token_recall("the left lung", "Lung") == 1.0
     assert token_f1("left lung", "lung") == pytest.approx(2 / 3)

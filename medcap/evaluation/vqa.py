@@ -12,7 +12,7 @@ prediction); token F1 and exact match are MedGemma's.
 from __future__ import annotations
 
 import re
-import string
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -22,16 +22,70 @@ NUMBER_WORDS = {
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
 ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+# The contractions table of the VQAv2 evaluation script (vqaEval.py, `contractions`), keys lowercased as
+# the text is: a word written without its apostrophe takes the apostrophe spelling.
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "id've": "i'd've", "i'dve": "i'd've", "im": "i'm",
+    "ive": "i've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}  # fmt: skip
+_CONTRACTED = set(CONTRACTIONS.values())
+_APOSTROPHES = str.maketrans("\u2019\u02bc", "''")  # typographic apostrophes (NFKC keeps them)
+_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?!,?\d)")  # 1,000 and 12,345,678, not 3,5 or 2,50
+_BARE_DECIMAL = re.compile(r"(?<![\w.])\.(?=\d)")  # .5 is 0.5
+
+
+def _separates(text: str, i: int) -> bool:
+    """Unicode punctuation (P*), symbols (S*: $ + = ° × …) and control or format characters (C*)
+    separate words, except a decimal point between digits and an apostrophe inside a word."""
+    ch, before, after = text[i], text[i - 1 : i], text[i + 1 : i + 2]
+    if ch == "." and before.isdigit() and after.isdigit():
+        return False
+    if ch == "'" and before.isalnum() and after.isalnum():
+        return False
+    return unicodedata.category(ch)[0] in "PSC"
 
 
 def normalize_answer(text: Any) -> str:
-    """VQAv2-style: lowercase, punctuation to spaces (a decimal point survives), articles
-    dropped, number words to digits, whitespace collapsed."""
-    text = str(text).lower().strip()
-    text = re.sub(r"(?<=\d)\.(?=\d)", "\x01", text)  # keep decimal points through the next line
-    text = _PUNCT.sub(" ", text).replace("\x01", ".")
-    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
+    """VQAv2-style, so that model output written differently from the answer still matches: NFKC
+    folding (full-width letters), lowercase, thousands separators dropped, ``.5`` read as ``0.5``,
+    punctuation to spaces (a decimal point survives), VQA's contractions, articles dropped, number
+    words to digits, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", str(text)).lower().translate(_APOSTROPHES)
+    text = _THOUSANDS.sub(lambda m: m.group().replace(",", ""), text)
+    text = _BARE_DECIMAL.sub("0.", text)
+    text = "".join(" " if _separates(text, i) else ch for i, ch in enumerate(text))
+    words = []
+    for word in text.split():
+        word = CONTRACTIONS.get(word, word)
+        parts = [word] if word in _CONTRACTED else word.split("'")  # a possessive's 's splits off
+        words += [NUMBER_WORDS.get(w, w) for w in parts if w not in ARTICLES]
     return " ".join(words)
 
 
