@@ -3,6 +3,7 @@
     medcap run full_finetune_single_device --config llama3/8B_full_single_device key=value ...
     medcap run --nproc_per_node 8 full_finetune_distributed --config llama3/8B_full ...
     medcap run recipes/generate.py --config recipes/configs/custom_generation_config.yaml ...
+    medcap serve --config smollm2/135M_demo_generation vision_checkpoint=... port=8000
 
 Recipes and configs are files under the repository's ``recipes/`` folder, resolved by path:
 torchtune installs a top-level ``recipes`` package of its own, so medcap never imports its
@@ -21,6 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from medcap.errors import MedcapError, cli_errors, debug_requested
 
 # One training recipe serves one device and FSDP2 (chosen by how it is launched); the
 # original's two names stay as aliases.
@@ -100,7 +103,13 @@ def _run(argv: list[str]) -> None:
         args.training_script_args = recipe_args
         if not args.rdzv_endpoint:
             args.standalone = True
-        torchrun(args)
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        try:
+            torchrun(args)
+        except ChildFailedError as e:  # each rank printed its own error above
+            failed = ", ".join(f"rank {f.local_rank} (exit code {f.exitcode})" for f in e.failures.values())
+            raise MedcapError(f"{recipe.name}: {failed} failed; their messages are above") from None
         return
     sys.argv = [str(recipe), *recipe_args]
     runpy.run_path(str(recipe), run_name="__main__")
@@ -165,7 +174,23 @@ def _validate(argv: list[str]) -> None:
     print(f"{argv[0]}: config is well-formed")
 
 
-COMMANDS = {"run": _run, "ls": _ls, "cp": _cp, "validate": _validate}
+def _serve(argv: list[str]) -> None:
+    """``medcap serve --config NAME [key=value ...]``: the model the generate recipe's config names
+    behind an OpenAI-compatible chat API and a web page (``medcap.serving``)."""
+    from torchtune.config._parse import TuneRecipeArgumentParser
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    from medcap.serving import serve
+
+    argv = list(argv)
+    if "--config" in argv[:-1]:
+        i = argv.index("--config") + 1
+        argv[i] = str(resolve_config(argv[i]))
+    parser = TuneRecipeArgumentParser(prog="medcap serve", description=_serve.__doc__)
+    serve(_merge_yaml_and_cli_args(*parser.parse_known_args(argv)))
+
+
+COMMANDS = {"run": _run, "ls": _ls, "cp": _cp, "validate": _validate, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"commands: {', '.join(COMMANDS)}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    COMMANDS[argv[0]](argv[1:])
+    debug_requested(argv)  # --debug anywhere (or MEDCAP_DEBUG=1): tracebacks for medcap's own errors too
+    with cli_errors():
+        COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -29,10 +29,12 @@ from tqdm import tqdm
 
 from medcap.data.collate import build_dataloader
 from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
-from medcap.io import atomic_write_json
+from medcap.errors import run_main
+from medcap.io import atomic_write_json, ensure_writable
 from medcap.models.assembly import build_model, resolve_precision
 from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoint_payload
 from medcap.models.fusion import count_parameters, frozen_fingerprint
+from medcap.recipe_keys import TRAIN, check_keys
 from medcap.training import (
     RECIPE_STATE,
     build_dataset,
@@ -102,6 +104,7 @@ class VisionFinetuneRecipe:
             f"model: {trainable:,} trainable parameters (vision encoder {model.visual.name} + "
             f"{model.projector.kind} connector, {model.num_image_tokens} image tokens), {frozen:,} frozen (LLM)"
         )
+        self._print(f"vision encoder weights: {model.visual.weights}")
         state = (
             load_recipe_state(self.output_dir / RECIPE_STATE) if cfg.get("resume_from_checkpoint") else None
         )
@@ -379,6 +382,10 @@ class VisionFinetuneRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_keys(cfg, TRAIN, "full_finetune")
+    # every folder the run writes, made and proven writable before any model is loaded
+    ensure_writable([("output_dir", cfg.output_dir), ("checkpointer.output_dir", cfg.checkpointer.output_dir),
+                     ("metric_logger.log_dir", cfg.get("metric_logger", {}).get("log_dir"))])  # fmt: skip
     recipe = VisionFinetuneRecipe(cfg, distributed=launched_by_torchrun())
     recipe.setup()
     recipe.train()
@@ -386,4 +393,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

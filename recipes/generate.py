@@ -12,13 +12,18 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config
 
+from medcap.errors import run_main
 from medcap.evaluation.runner import Evaluator
+from medcap.io import ensure_writable
+from medcap.recipe_keys import GENERATE, check_keys
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_keys(cfg, GENERATE, "generate")
+    ensure_writable([("output_dir", cfg.output_dir)])  # before the LLM is loaded
     Evaluator(cfg).run()
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

@@ -9,11 +9,17 @@ Writes output_dir/probe.json, probe.csv, probe_fewshot.csv and probe.png. The wo
 """
 
 import sys
+from dataclasses import fields
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
+from medcap.errors import run_main
+from medcap.io import ensure_writable
 from medcap.probing import ProbeSettings, encoder_specs, extract_all, fit_all, read_labelled_set, write_report
+from medcap.recipe_keys import check_keys
+
+KEYS = {f.name for f in fields(ProbeSettings)} | {"labels", "output_dir", "vision_checkpoint", "vision_path", "encoders"}
 
 
 def encoder_entries(cfg: DictConfig) -> list:
@@ -30,6 +36,8 @@ def encoder_entries(cfg: DictConfig) -> list:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    check_keys(cfg, KEYS, "probe")
+    ensure_writable([("output_dir", cfg.get("output_dir"))])
     # set-up: the labelled set (split and checked), the encoders (baselines added)
     if not cfg.get("labels"):
         raise SystemExit(
@@ -59,4 +67,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

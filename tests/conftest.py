@@ -264,3 +264,37 @@ def demo_slake(tmp_path_factory) -> tuple[Path, dict]:
 
     root = tmp_path_factory.mktemp("demo") / "SLAKE"
     return root, build(root, seed=0)
+
+
+BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+
+
+def write_hub_biomedclip(cache_dir: Path, revision: str = "9f341de24bfb00180f1b847274256e9b65a3a32e") -> dict:
+    """A Hugging Face hub cache holding BiomedCLIP's repository in the real layout
+    (``models--microsoft--BiomedCLIP-.../snapshots/<rev>/open_clip_config.json`` +
+    ``open_clip_pytorch_model.bin``, ``refs/main``), its config naming BiomedCLIP's BERT text
+    tower (which must never be built) and a ViT-Ti-sized timm image tower with random weights.
+    Returns the image tower's state dict as the file holds it."""
+    import json
+
+    import open_clip
+
+    vision_cfg = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                  "timm_proj": "linear", "image_size": 224}  # fmt: skip
+    text_cfg = {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract", "hf_proj_type": "mlp",
+                "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256}  # fmt: skip
+    small_text = {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1}
+    torch.manual_seed(123)
+    clip = open_clip.CLIP(embed_dim=512, vision_cfg=vision_cfg, text_cfg=small_text)
+    repo = cache_dir / f"models--{BIOMEDCLIP_REPO.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    config = {"model_cfg": {"embed_dim": 512, "vision_cfg": vision_cfg, "text_cfg": text_cfg},
+              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                 "std": [0.26862954, 0.26130258, 0.27577711]}}  # fmt: skip
+    (snapshot / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(clip.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    return {k[len("visual.") :]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}

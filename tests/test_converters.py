@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,8 +173,8 @@ def test_vqarad_official_split(tmp_path):
     assert test[0].extra["answer_type"] == "CLOSED" and test[1].answer == "2"
     out = tmp_path / "out"
     tool("convert_vqarad_to_sharegpt")(["--data_dir", str(root), "--output_dir", str(out)])
-    assert len(json.loads((out / "vqarad_train.json").read_text())) == 3
-    assert len(json.loads((out / "vqarad_test.json").read_text())) == 2
+    assert len(json.loads((out / "vqarad_vqa_train.json").read_text())) == 3
+    assert len(json.loads((out / "vqarad_vqa_test.json").read_text())) == 2
 
 
 def test_rocov2_and_pmcoa(tmp_path):
@@ -198,8 +199,39 @@ def test_rocov2_and_pmcoa(tmp_path):
         (pmc / f"{split}.jsonl").write_text(
             json.dumps({"image": f"PMC1_{split}.jpg", "caption": "Fig 1. CT.", "pmcid": "PMC1"}) + "\n"
         )
-    tool("convert_pmcoa_to_sharegpt")(["--data_dir", str(pmc), "--output_dir", str(out)])
+    tool("convert_pmcoa_to_sharegpt")(["--data_dir", str(pmc), "--output_dir", str(out), "--image_subdir", "images"])
     assert json.loads((out / "pmcoa_val.json").read_text())[0]["pmcid"] == "PMC1"
     (pmc / "test.jsonl").write_text('{"image": "x.jpg"}\n')
     with pytest.raises(SourceError, match=r"test.jsonl, record 0: missing field\(s\) \['caption'\]"):
-        tool("convert_pmcoa_to_sharegpt")(["--data_dir", str(pmc), "--output_dir", str(out)])
+        tool("convert_pmcoa_to_sharegpt")(["--data_dir", str(pmc), "--output_dir", str(out), "--image_subdir", "images"])
+
+
+def test_preprocess_images_like_the_encoder(tmp_path, capsys):
+    """Resize + centre crop as BiomedCLIP's preprocessing, same relative paths, DICOM and 16-bit
+    PNG through medcap's reader (written as PNG), a strip padded to a square first, a bad file
+    skipped and named; the result equals the encoder's own transform up to the tensor."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from medcap.data.images import load_image
+
+    src = tmp_path / "images"
+    (src / "ct").mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), src / "ct" / "slice.dcm")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 65535, (120, 90), dtype=np.uint16)).save(src / "w16.png")
+    Image.fromarray(rng.integers(0, 255, (40, 200, 3), dtype=np.uint8)).save(src / "strip.jpg")
+    (src / "broken.png").write_bytes(b"not an image")
+    status = tool("preprocess_images")(["--input_dir", str(src), "--workers", "1"])
+    out = tmp_path / "images_preprocess"
+    assert status == 0 and "skipped" in capsys.readouterr().out
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.*")) == ["ct/slice.png", "strip.jpg", "w16.png"]
+    assert all(Image.open(p).size == (224, 224) for p in out.rglob("*.*"))
+    transform = build_vision_encoder("biomedclip").preprocess.transform()
+    ours = transform(Image.open(out / "w16.png"))
+    direct = transform(load_image(src / "w16.png"))
+    assert (ours - direct).abs().max() < 0.05  # one extra 8-bit rounding (PNG) at most
+    strip = np.asarray(Image.open(out / "strip.jpg"))
+    assert strip[:40].mean() < 5 and strip[-40:].mean() < 5  # black padding above and below
+    assert tool("preprocess_images")(["--input_dir", str(src), "--workers", "1", "--strict"]) == 1

@@ -120,7 +120,7 @@ def test_openai_backend_retries_and_writes_outputs(server, tmp_path, monkeypatch
     assert (
         server.failed_once and len(server.requests) == 3
     )  # the exact match was not sent; the 500 was retried
-    out = list(csv.DictReader(open(tmp_path / "test_out_slake_meta_model_3_70B_out.csv")))
+    out = list(csv.DictReader(open(tmp_path / "test_out_slake_meta_model_3_70B_out.csv", encoding="utf-8-sig")))
     assert [r["verdict"] for r in out] == ["exact", "right", "wrong", "wrong"]
     assert (
         out[1]["instruction"].startswith("Respond with only RIGHT or WRONG")
@@ -142,8 +142,8 @@ def test_resume_judges_only_what_is_missing(server, tmp_path, monkeypatch):
     out_path = tmp_path / "t_70B_out.csv"
     full = out_path.read_text()
     assert len(server.requests) == 4
-    rows = list(csv.DictReader(open(out_path, newline="")))
-    with open(out_path, "w", newline="") as f:  # the run died after two rows
+    rows = list(csv.DictReader(open(out_path, newline="", encoding="utf-8-sig")))
+    with open(out_path, "w", newline="", encoding="utf-8-sig") as f:  # the run died after two rows
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows[:2])
@@ -161,7 +161,7 @@ def test_torchtune_backend_on_a_tiny_meta_checkpoint(tmp_path, llama3_tokenizer_
     chat_llama3.main(args)
     out_path = tmp_path / "eval_70B_out.csv"
     first = out_path.read_text()
-    rows = list(csv.DictReader(open(out_path)))
+    rows = list(csv.DictReader(open(out_path, encoding="utf-8-sig")))
     assert len(rows) == 4 and all(r["verdict"] in ("right", "wrong", "unparsed") for r in rows)
     summary = json.loads((tmp_path / "eval_70B_summary.json").read_text())["all"]
     assert summary["right"] + summary["wrong"] + summary["unparsed"] == 4
@@ -212,8 +212,8 @@ def test_torchrun_two_processes_tensor_parallel_gives_identical_files(tmp_path, 
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = list(csv.DictReader(open(tmp_path / "one_70B_out.csv")))
-    parallel = list(csv.DictReader(open(tmp_path / "two_70B_out.csv")))
+    single = list(csv.DictReader(open(tmp_path / "one_70B_out.csv", encoding="utf-8-sig")))
+    parallel = list(csv.DictReader(open(tmp_path / "two_70B_out.csv", encoding="utf-8-sig")))
     assert [r["generated"] for r in parallel] == [r["generated"] for r in single]
     assert (tmp_path / "two_70B_acc.csv").read_text() == (tmp_path / "one_70B_acc.csv").read_text()
     assert any(r["generated"] for r in single)  # the replies are not trivially empty
@@ -274,7 +274,7 @@ def test_nf4_quantized_judge(tmp_path, llama3_tokenizer_path):
     csv_path = write_eval_csv(tmp_path / "q.csv")
     chat_llama3.main(["--ckpt_dir", str(ckpt), "--tokenizer_path", str(llama3_tokenizer_path), "--device", "cpu",
                       "--quantize", "nf4", "--exp", "eval_vqa", "--csv_path", str(csv_path)])  # fmt: skip
-    assert len(list(csv.DictReader(open(tmp_path / "q_70B_out.csv")))) == 4
+    assert len(list(csv.DictReader(open(tmp_path / "q_70B_out.csv", encoding="utf-8-sig")))) == 4
 
 
 @pytest.mark.parametrize("scaled_rope", [False, True])

@@ -16,7 +16,6 @@ from conftest import TinyLlama, draw_jpeg, make_hf_llama, write_meta_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = TinyLlama(vocab_size=512, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
-LLAMA3_SPEC = TinyLlama(vocab_size=128256, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
 
 
 @pytest.fixture(scope="module")
@@ -206,53 +205,6 @@ def test_copied_recipe_is_editable_and_runs(workspace, tmp_path):
     proc = medcap(*args)
     assert "my edited recipe" in proc.stdout + proc.stderr
     assert (tmp_path / "run" / "checkpoint" / "meta_model_0.pt").is_file()
-
-
-@pytest.mark.slow
-def test_original_readme_training_command(workspace, tmp_path, llama3_tokenizer_path):
-    """The original README's command line, every override as written, `medcap` in place of
-    `python torchtune/_cli/tune.py`; a tiny LLM swapped in through model overrides, and the
-    vision checkpoint in the original release layout (BiomedCLIP tower, N = 32)."""
-    from test_checkpoints import original_projector_state, original_visual_state
-
-    llama_dir = write_meta_checkpoint(make_hf_llama(LLAMA3_SPEC, seed=0), LLAMA3_SPEC, tmp_path / "llama3")
-    last_pt = tmp_path / "last.pt"
-    torch.save(
-        {"visual": original_visual_state(), "projector": original_projector_state(32, d=LLAMA3_SPEC.dim)},
-        last_pt,
-    )
-    result_dir = tmp_path / "results_medcap"
-    name, vision = "slake", "biomedclip"
-    medcap(
-        "run",
-        "full_finetune_single_device",
-        "--config",
-        "llama3/8B_full_single_device",
-        "seed=1",
-        "epochs=2",
-        "batch_size=16",
-        "gradient_accumulation_steps=1",
-        f"vision={vision}",
-        "dataset._component_=torchtune.datasets.chat_dataset",
-        f"dataset.source={workspace['data']}",
-        "dataset.conversation_style=sharegpt",
-        "dataset.chat_format=ChatFormat",
-        "dataset.max_seq_len=400",
-        f"tokenizer.path={llama3_tokenizer_path}",
-        f"checkpointer.checkpoint_dir={llama_dir}",
-        f"vision_checkpoint={last_pt}",
-        f"checkpointer.output_dir={result_dir}/{name}_{vision}/checkpoint",
-        f"metric_logger.log_dir={result_dir}/{name}_{vision}/log",
-        f"output_dir={result_dir}/{name}_{vision}",
-        *LLAMA3_SPEC.overrides(),
-        "device=cpu",
-        "dtype=fp32",
-        "num_workers=0",
-    )
-    ckpt = torch.load(result_dir / f"{name}_{vision}" / "checkpoint" / "meta_model_1.pt", weights_only=True)
-    assert len(ckpt["visual"]) == 151 and ckpt["medcap"]["num_image_tokens"] == 32
-    assert ckpt["projector"]["2.weight"].shape == (32 * LLAMA3_SPEC.dim, LLAMA3_SPEC.dim)
-    assert len(read_losses(result_dir / f"{name}_{vision}" / "log")) == 2
 
 
 def test_recipe_changes_only_the_vision_side(workspace, tmp_path):

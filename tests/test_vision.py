@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -141,3 +145,65 @@ def test_vision_path_errors_are_named(tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps(BIOMEDCLIP_CONFIG))
     with pytest.raises(FileNotFoundError, match="no encoder weights found"):
         build_vision_encoder("biomedclip", vision_path=tmp_path)
+
+
+def _build_in_child(cache: Path, code: str) -> subprocess.CompletedProcess:
+    """A fresh process with the hub cache set by environment, offline, as a user's run has it."""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HOME", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_pretrained_biomedclip_comes_from_the_hub_cache_offline(tmp_path):
+    """vision=biomedclip without vision_path: the image tower from the Hugging Face cache (the
+    original's hf-hub:microsoft/BiomedCLIP-... load), offline, never the BERT text tower."""
+    from conftest import write_hub_biomedclip
+
+    expected = write_hub_biomedclip(tmp_path / "hub")
+    out = tmp_path / "tower.pt"
+    proc = _build_in_child(tmp_path / "hub", f"""
+import torch
+from medcap.models.vision import build_vision_encoder
+enc = build_vision_encoder("biomedclip", pretrained=True)
+torch.save(enc.tower.state_dict(), {str(out)!r})
+print(enc.weights)
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert "pretrained microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224" in proc.stdout
+    assert "9f341de24bfb" in proc.stdout  # the cached revision is named
+
+
+def test_missing_pretrained_weights_say_what_to_do(tmp_path):
+    proc = _build_in_child(tmp_path / "empty", """
+from medcap.models.vision import build_vision_encoder
+build_vision_encoder("biomedclip", pretrained=True)
+""")
+    assert proc.returncode != 0
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "PretrainedWeightsUnavailable" in message and "not in the Hugging Face cache" in message
+    assert "vision_path=FOLDER" in message and "vision_pretrained=False" in message
+
+
+def test_a_vision_checkpoint_alone_decides_the_weights(tmp_path, tiny_decoder):
+    """With vision_checkpoint no hub lookup happens (an empty offline cache is no error), and
+    vision_pretrained=False builds random weights without asking the hub either."""
+    from medcap.models.checkpoints import save_vision_checkpoint
+    from medcap.models.fusion import build_medcap_model
+
+    random_init = build_vision_encoder("biomedclip", pretrained=False)
+    assert random_init.weights == "random initialisation"
+    model = build_medcap_model(tiny_decoder, image_token_id=1000, vision="biomedclip", num_image_tokens=2)
+    ckpt = save_vision_checkpoint(model, tmp_path / "meta_model_0.pt")
+    assert torch.load(ckpt, weights_only=True)["medcap"]["vision_init"] == "random initialisation"
+    code = f"""
+from conftest import TinyLlama
+from medcap.models.fusion import build_medcap_model
+m = build_medcap_model(TinyLlama().torchtune_decoder(), image_token_id=1000, vision="biomedclip",
+                       vision_checkpoint={str(ckpt)!r}, vision_pretrained=True)
+print(m.visual.weights)
+"""
+    proc = _build_in_child(tmp_path / "empty", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n{code}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"the vision checkpoint {ckpt}" in proc.stdout

@@ -28,4 +28,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from medcap.errors import run_main
+
+    run_main(main)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""VQA-RAD ("VQA_RAD Dataset Public.json" + "VQA_RAD Image Folder/") -> vqarad_{train,test}.json.
+"""VQA-RAD ("VQA_RAD Dataset Public.json" + "VQA_RAD Image Folder/") -> vqarad_vqa_{train,test}.json.
 
-Test is the official split: phrase_type test_freeform or test_para.
+Test is the official split: phrase_type test_freeform or test_para. (The original's
+vqarad_{train,test}.json are VQA-RAD-text captions: convert_vqarad_text_to_sharegpt.py.)
 """
 
 from medcap.data.sources import convert_splits, converter_args, exit_on_source_error, read_vqarad
@@ -10,7 +11,7 @@ from medcap.data.sources import convert_splits, converter_args, exit_on_source_e
 def main(argv=None):
     args = converter_args(__doc__, "./datasets/VQA_RAD").parse_args(argv)
     convert_splits(
-        "vqarad", lambda s: read_vqarad(args.data_dir, s), args.output_dir, args.strict, ("train", "test")
+        "vqarad_vqa", lambda s: read_vqarad(args.data_dir, s), args.output_dir, args.strict, ("train", "test")
     )
 
 

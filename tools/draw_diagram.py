@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Draw README's diagram.png: what learns and what stays frozen."""
+"""Draw README's diagram.png (and diagram.jpg, the original README's name): what learns and what
+stays frozen."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import matplotlib
 
@@ -90,7 +92,10 @@ def main() -> None:
     ax.text(0.2, 4.35, "medcap: train the eyes, keep the brain", fontsize=13, weight="bold", color="#212529")
     ax.text(8.3, 4.35, "orange = learns    blue = frozen", fontsize=10, color="#495057")
     fig.savefig(args.output, bbox_inches="tight", facecolor="white")
-    print(f"wrote {args.output}")
+    # the original README shows diagram.jpg: the same figure under that name
+    jpg = Path(args.output).with_suffix(".jpg")
+    fig.savefig(jpg, bbox_inches="tight", facecolor="white", pil_kwargs={"quality": 90})
+    print(f"wrote {args.output} and {jpg}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 
 from medcap.data.images import load_image
 from medcap.data.sharegpt import ChatRecord, read_records, record_to_chat
+from medcap.errors import MedcapError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ MEDCAP_CHAT_DATASET = "medcap.data.chat_dataset"
 CONVERSATION_STYLES = ("sharegpt", "openai", "auto")
 
 
-class SampleTooLongError(ValueError):
+class SampleTooLongError(MedcapError, ValueError):
     """``strict=True`` and a record cannot fit ``max_seq_len`` without losing image tokens."""
 
 

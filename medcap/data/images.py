@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medcap.errors import MedcapError
+
 # Decompression-bomb guard (about 13k x 13k; Pillow itself refuses twice its own 89M default).
 # Larger files are refused, not resized.
 MAX_PIXELS = 150_000_000
@@ -28,11 +30,11 @@ PLANES = ("sagittal", "coronal", "axial")  # volume axes 0, 1, 2 after reorienta
 SELECT_KEYS = {"frame", "plane", "index", "volume"}
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(MedcapError, ValueError):
     """An image that cannot be read; the message names the file (and record, when known)."""
 
 
-def _where(path: Path, record: int | None) -> str:
+def _where(path: Path, record: int | str | None) -> str:
     return f"{path}" + (f" (record {record})" if record is not None else "")
 
 
@@ -54,7 +56,7 @@ def _is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def load_dicom(path: Path, frame: int = 0, record: int | None = None) -> Image.Image:
+def load_dicom(path: Path, frame: int = 0, record: int | str | None = None) -> Image.Image:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -90,7 +92,7 @@ def load_dicom(path: Path, frame: int = 0, record: int | None = None) -> Image.I
     return Image.fromarray(gray, "L").convert("RGB")
 
 
-def load_raster(path: Path, record: int | None = None) -> Image.Image:
+def load_raster(path: Path, record: int | str | None = None) -> Image.Image:
     where = _where(path, record)
     try:
         with warnings.catch_warnings():
@@ -113,7 +115,7 @@ def load_raster(path: Path, record: int | None = None) -> Image.Image:
 
 
 def load_nifti_slice(
-    path: Path, plane: str = "axial", index: int | None = None, volume: int = 0, record: int | None = None
+    path: Path, plane: str = "axial", index: int | None = None, volume: int = 0, record: int | str | None = None
 ) -> Image.Image:
     """One slice of a NIfTI volume, reoriented to RAS so planes mean what they say; shown with
     superior (or anterior, for axial) at the top, resampled to square pixels by the voxel sizes."""
@@ -161,7 +163,7 @@ def split_selector(spec: str | Path) -> tuple[Path, dict[str, str]]:
     return Path(text), {}
 
 
-def load_image(path: str | Path, *, record: int | None = None, frame: int = 0) -> Image.Image:
+def load_image(path: str | Path, *, record: int | str | None = None, frame: int = 0) -> Image.Image:
     """Any supported medical image file (with an optional ``#`` selector) as 8-bit RGB."""
     path, select = split_selector(path)
     if not path.is_file():

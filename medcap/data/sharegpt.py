@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medcap.errors import MedcapError
+
 if TYPE_CHECKING:
     from torchtune.data import Message
 
@@ -35,7 +37,7 @@ CHAT_KEYS = ("conversations", "messages")
 IMAGE_KEYS = ("image", "images", "meta")
 
 
-class RecordError(ValueError):
+class RecordError(MedcapError, ValueError):
     """A record that cannot be used; the message names the file and the record."""
 
 

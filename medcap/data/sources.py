@@ -4,21 +4,24 @@ One reader per dataset, shared by the converters in ``tools/`` and by evaluation
 and filters are decided in one place. Schemas: SLAKE (``train.json``, ``validate.json`` or
 ``validation.json``, ``test.json``; images under ``imgs/``), SLAKE-text (``{split}_text.json``:
 img_name, text), VQA-RAD (``VQA_RAD Dataset Public.json`` + ``VQA_RAD Image Folder/``; test =
-phrase_type test_freeform or test_para), ROCOv2 (CSV ``ID``, ``Caption``; images
-``images/{split}/{ID}.jpg``), PMC-OA (``{split}.jsonl``: image, caption).
+phrase_type test_freeform or test_para), VQA-RAD-text (``{train,test}_text.json``: image_name,
+text), ROCOv2 (CSV ``ID``, ``Caption``; images ``images/{split}/{ID}.jpg``),
+ROCOv2-VQARAD-SLAKE-text (``train.json``: id = the image's file name, caption), PMC-OA
+(``{split}.jsonl``: image, caption).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medcap.data.sharegpt import ORIGINAL_PLACEHOLDER, RecordError, read_records
+from medcap.data.sharegpt import ORIGINAL_PLACEHOLDER, read_records
+from medcap.errors import MedcapError, cli_errors, debug_requested
 from medcap.io import atomic_write_json
 
 # Captioning instructions. Train records draw one at random (seed 0); validation and test use the
@@ -88,7 +91,7 @@ SPLIT_OUT = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(MedcapError, ValueError):
     """An input file of a public dataset that is missing or not in its documented schema."""
 
 
@@ -222,6 +225,24 @@ def read_vqarad(root: str | Path, split: str) -> list[Item]:
     return items
 
 
+VQARAD_TEXT_FILES = {"train": "train_text.json", "test": "test_text.json"}
+
+
+def read_vqarad_text(root: str | Path, split: str, seed: int = 0) -> list[Item]:
+    """VQA-RAD-text descriptions (one per image) as captioning items; images in VQA-RAD's folder."""
+    root = Path(root)
+    name = SPLIT_OUT[split]
+    if name not in VQARAD_TEXT_FILES:
+        raise SourceError(f"{root}: VQA-RAD-text has train and test splits only, not {split}")
+    rows = _load_json_list(root / VQARAD_TEXT_FILES[name], ("image_name", "text"))
+    prompts = pick_instructions(len(rows), name, seed)
+    return [
+        Item(root / VQARAD_IMAGES / row["image_name"], prompt, clean_caption(row["text"]),
+             {"image_name": row["image_name"]})
+        for row, prompt in zip(rows, prompts)
+    ]  # fmt: skip
+
+
 # ---------------------------------------------------------------- ROCOv2 and PMC-OA
 ROCO_SPLITS = {"train": "train", "val": "valid", "test": "test"}
 
@@ -245,10 +266,24 @@ def read_rocov2(root: str | Path, split: str, seed: int = 0) -> list[Item]:
     ]
 
 
+def read_rocov2_vqarad_slake_text(root: str | Path, image_dir: str = "images_preprocess", seed: int = 0) -> list[Item]:
+    """The combined ROCOv2 + VQA-RAD-text + SLAKE-text captions (training only): ``train.json``,
+    a list of ``{id, caption}`` where ``id`` is the image's path under ``image_dir``."""
+    root = Path(root)
+    rows = _load_json_list(root / "train.json", ("id", "caption"))
+    prompts = pick_instructions(len(rows), "train", seed)
+    return [
+        Item(root / image_dir / str(row["id"]), prompt, clean_caption(row["caption"]), {"id": row["id"]})
+        for row, prompt in zip(rows, prompts)
+    ]
+
+
 PMCOA_SPLITS = {"train": "train", "val": "valid", "test": "test"}
+# The original's PMC-OA layout: the subfigure images of the release, in their own folder.
+PMCOA_IMAGE_DIR = "caption_T060_filtered_top4_sep_v0_subfigures"
 
 
-def read_pmcoa(root: str | Path, split: str, image_dir: str = "images", seed: int = 0) -> list[Item]:
+def read_pmcoa(root: str | Path, split: str, image_dir: str = PMCOA_IMAGE_DIR, seed: int = 0) -> list[Item]:
     root = Path(root)
     path = root / f"{PMCOA_SPLITS[SPLIT_OUT[split]]}.jsonl"
     rows = _load_json_list(path, ("image", "caption"))
@@ -331,13 +366,11 @@ def convert_splits(
     return reports
 
 
-@contextmanager
 def exit_on_source_error():
-    """Command-line tools: a bad input ends the run with its message, not a traceback."""
-    try:
-        yield
-    except (SourceError, RecordError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    """Command-line tools: a bad input ends the run with its message, not a traceback (medcap's
+    one error boundary; ``--debug`` or ``MEDCAP_DEBUG=1`` shows the traceback)."""
+    debug_requested(sys.argv)
+    return cli_errors()
 
 
 def converter_args(description: str, data_dir: str, output_dir: str = "./datasets/medcap"):

@@ -1,8 +1,6 @@
 """``python -m medcap.demo``: the demo's whole run (``medcap.demo.pipeline``)."""
 
-from medcap.demo.pipeline import DemoError, main
+from medcap.demo.pipeline import main
+from medcap.errors import run_main
 
-try:
-    main()
-except DemoError as e:
-    raise SystemExit(f"demo: {e}") from None
+run_main(main, prog="demo")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medcap.errors import MedcapError
 from medcap.evaluation.outputs import EvalOutputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ EVAL_CONFIG = "smollm2/135M_demo_generation"
 LLM_NAME = "SmolLM2-135M-Instruct"
 
 
-class DemoError(RuntimeError):
+class DemoError(MedcapError, RuntimeError):
     pass
 
 

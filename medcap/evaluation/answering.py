@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,9 +61,10 @@ class Answerer:
     def fits(self, tokens: list[int]) -> bool:
         return self.decoding.max_prompt_len is None or len(tokens) <= int(self.decoding.max_prompt_len)
 
-    def generate(self, batch: list[tuple[list[int], Path | None]], max_new_tokens: int) -> list[str]:
+    def generate(self, batch: list[tuple[list[int], EvalItem]], max_new_tokens: int) -> list[str]:
+        """Answers to (prompt, item) pairs; an image error names the file and the item's record."""
         prompts = [p for p, _ in batch]
-        pixels = [self.transform(load_image(img)) for _, img in batch if img is not None]
+        pixels = [self.transform(load_image(it.image, record=it.record)) for _, it in batch if it.image is not None]
         images = torch.stack(pixels).to(self.device, self.dtype) if pixels else None
         ids = generate(
             self.model,
@@ -87,7 +87,7 @@ class Answerer:
             if two_turn:
                 first = [[user_message(it.image, DESCRIBE)] for it in chunk]
                 descriptions = self.generate(
-                    [(self.prompt(m), it.image) for m, it in zip(first, chunk)],
+                    [(self.prompt(m), it) for m, it in zip(first, chunk)],
                     max(1, self.decoding.max_new_tokens // 2),
                 )
                 messages = [
@@ -103,10 +103,8 @@ class Answerer:
             prompts = [self.prompt(m) for m in messages]
             keep = [k for k, p in enumerate(prompts) if self.fits(p)]
             self.skipped += len(chunk) - len(keep)
-            answers = (
-                self.generate([(prompts[k], chunk[k].image) for k in keep], self.decoding.max_new_tokens)
-                if keep
-                else []
-            )
+            # the original gave each of its two turns half of max_new_tokens
+            budget = max(1, self.decoding.max_new_tokens // 2) if two_turn else self.decoding.max_new_tokens
+            answers = self.generate([(prompts[k], chunk[k]) for k in keep], budget) if keep else []
             for k, ans in zip(keep, answers):
                 yield chunk[k], descriptions[k], ans

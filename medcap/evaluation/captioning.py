@@ -11,10 +11,12 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 
+from medcap.errors import MedcapError
+
 SPICE_SKIPPED = "SPICE skipped: it downloads Stanford CoreNLP at first use, and runs offline here"
 
 
-class JavaMissingError(RuntimeError):
+class JavaMissingError(MedcapError, RuntimeError):
     """pycocoevalcap's PTB tokenizer and METEOR run Java."""
 
 

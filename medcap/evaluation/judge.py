@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 import time
 import urllib.error
@@ -23,6 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from medcap.data.sharegpt import ORIGINAL_PLACEHOLDER
 from medcap.evaluation.outputs import judge_outputs
 from medcap.evaluation.vqa import normalize_answer
 from medcap.io import ResumableCSV, atomic_write, atomic_write_json, read_csv_rows
@@ -68,9 +70,22 @@ class JudgeItem:
         return template.format(question=self.question, prediction=self.prediction, answer=self.answer)
 
 
+_USER_HEADER = re.compile(r"<\|start_header_id\|>\s*user\s*<\|end_header_id\|>")
+
+
+def question_text(instruction: str) -> str:
+    """The question of a CSV row. medcap's ``instruction`` is the question itself; the
+    original's held the whole decoded prompt (header tokens as text, the image as a run of "①",
+    in the two-turn protocol a description before it), whose last user turn is the question."""
+    if not _USER_HEADER.search(instruction):
+        return instruction
+    last_turn = _USER_HEADER.split(instruction)[-1].split("<|eot_id|>")[0]
+    return last_turn.replace(ORIGINAL_PLACEHOLDER, "").strip()
+
+
 def read_items(csv_path: Path) -> list[JudgeItem]:
-    """Rows of a medcap (or original) evaluation CSV: instruction = question, output = the
-    correct answer, generated = ours."""
+    """Rows of a medcap (or original) evaluation CSV: instruction = the question (or the
+    original's whole prompt), output = the correct answer, generated = ours."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"--csv_path {csv_path} not found")
     rows = read_csv_rows(csv_path)
@@ -80,7 +95,8 @@ def read_items(csv_path: Path) -> list[JudgeItem]:
             f"{csv_path}: missing column(s) {missing}; expected image, instruction, output, generated"
         )
     return [
-        JudgeItem(int(r["index"]) if (r.get("index") or "").isdigit() else i, r.get("image", ""), r["instruction"],
+        JudgeItem(int(r["index"]) if (r.get("index") or "").isdigit() else i, r.get("image", ""),
+                  question_text(r["instruction"]),
                   r["generated"], r["output"], (r.get("answer_type") or "").strip().upper(), r.get("qid", ""))
         for i, r in enumerate(rows)
     ]  # fmt: skip
@@ -111,11 +127,13 @@ def run_judge(
     skip_exact: bool = False,
     fits: Callable[[str], bool] = lambda _: True,
     write_files: bool = True,
+    outputs: tuple[Path, Path, Path] | None = None,
 ) -> dict[str, Any]:
-    """Judge every row not judged yet, appending to ``<csv>_70B_out.csv`` as it goes.
-    ``write_files=False`` (tensor-parallel ranks but the first) judges in lockstep, writing nothing."""
+    """Judge every row not judged yet, appending to ``<csv>_70B_out.csv`` as it goes (or to
+    ``outputs``: replies, accuracy, summary). ``write_files=False`` (tensor-parallel ranks but
+    the first) judges in lockstep, writing nothing."""
     csv_path = Path(csv_path)
-    out_path, acc_path, summary_path = judge_outputs(csv_path)
+    out_path, acc_path, summary_path = outputs or judge_outputs(csv_path)
     items = read_items(csv_path)
     with ResumableCSV(out_path, OUT_COLUMNS, write=write_files) as out:
         todo = [it for it in items if it.index not in out.done]
@@ -196,43 +214,16 @@ class OpenAIBackend:
 
 
 # ---------------------------------------------------------------- in-process torchtune model
-class TorchtuneBackend:
-    """A Llama 3 / 3.1 Instruct (Meta-format folder) in this process, batched KV-cache decoding
-    with the same loop as the evaluation. Under torchrun the model is tensor-parallel across the
-    processes (torchtune's Llama plan): each rank takes only its slices of the memory-mapped
-    checkpoint."""
+class ModelBackend:
+    """A model already in this process judges: batched KV-cache decoding with the evaluation's
+    loop. The generate recipe's ``eval_vqa=True`` judges with the LLM it has loaded (the
+    original's in-process judge); ``TorchtuneBackend`` loads a big one."""
 
-    def __init__(self, ckpt_dir: str, tokenizer_path: str, *, max_seq_len: int = 200, max_new_tokens: int = 16,
-                 temperature: float = 0.0, top_k: int | None = None, device: str | None = None, seed: int = 0,
-                 quantize: str | None = None):  # fmt: skip
-        import torch
-        from torchtune.models.llama3 import llama3_tokenizer
-
-        from medcap.distributed import setup_device
-        from medcap.models.judge_llm import load_meta_llama, load_tensor_parallel, quantize_nf4_
-
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.device = setup_device(device, distributed=self.world_size > 1)
-        self.tokenizer = llama3_tokenizer(tokenizer_path)
-        if quantize not in (None, "nf4"):
-            raise ValueError(f"--quantize {quantize}: only nf4 is supported")
-        if quantize and self.world_size > 1:
-            raise ValueError(
-                "--quantize nf4 is for one GPU; several processes use tensor parallelism instead"
-            )
-        if self.world_size > 1:
-            self.model = load_tensor_parallel(ckpt_dir, max_seq_len, self.device, self.world_size)
-        else:
-            self.model = load_meta_llama(ckpt_dir, max_seq_len=max_seq_len)
-            if self.device.type == "cpu":
-                self.model.float()
-            if quantize == "nf4":
-                self.quantized = quantize_nf4_(self.model, self.device)
-            self.model.to(self.device)
-        self.model.eval()
+    def __init__(self, model: Any, tokenizer: Any, *, max_seq_len: int | None = None, max_new_tokens: int = 16,
+                 temperature: float = 0.0, top_k: int | None = None, rng: Any = None):  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.max_new_tokens = max_seq_len, max_new_tokens
-        self.temperature, self.top_k = temperature, top_k
-        self.rng = torch.Generator(device=self.device).manual_seed(seed)
+        self.temperature, self.top_k, self.rng = temperature, top_k, rng
 
     def encode(self, dialog: list[tuple[str, str]]) -> list[int]:
         """(role, text) turns, then the assistant header: the prompt the reply continues."""
@@ -245,7 +236,7 @@ class TorchtuneBackend:
         return tokens
 
     def fits_dialog(self, dialog: list[tuple[str, str]]) -> bool:
-        return len(self.encode(dialog)) + self.max_new_tokens <= self.max_seq_len
+        return self.max_seq_len is None or len(self.encode(dialog)) + self.max_new_tokens <= self.max_seq_len
 
     def fits(self, prompt: str) -> bool:
         return self.fits_dialog([("user", prompt)])
@@ -262,6 +253,44 @@ class TorchtuneBackend:
 
     def __call__(self, prompts: list[str]) -> list[str]:
         return self.reply([[("user", p)] for p in prompts])
+
+
+class TorchtuneBackend(ModelBackend):
+    """A Llama 3 / 3.1 Instruct (Meta-format folder) loaded in this process. Under torchrun the
+    model is tensor-parallel across the processes (torchtune's Llama plan): each rank takes only
+    its slices of the memory-mapped checkpoint."""
+
+    def __init__(self, ckpt_dir: str, tokenizer_path: str, *, max_seq_len: int = 200, max_new_tokens: int = 16,
+                 temperature: float = 0.0, top_k: int | None = None, device: str | None = None, seed: int = 0,
+                 quantize: str | None = None):  # fmt: skip
+        import torch
+        from torchtune.models.llama3 import llama3_tokenizer
+
+        from medcap.distributed import setup_device
+        from medcap.models.judge_llm import load_meta_llama, load_tensor_parallel, quantize_nf4_
+
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = setup_device(device, distributed=self.world_size > 1)
+        tokenizer = llama3_tokenizer(tokenizer_path)
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"--quantize {quantize}: only nf4 is supported")
+        if quantize and self.world_size > 1:
+            raise ValueError(
+                "--quantize nf4 is for one GPU; several processes use tensor parallelism instead"
+            )
+        if self.world_size > 1:
+            model = load_tensor_parallel(ckpt_dir, max_seq_len, self.device, self.world_size)
+        else:
+            model = load_meta_llama(ckpt_dir, max_seq_len=max_seq_len)
+            if self.device.type == "cpu":
+                model.float()
+            if quantize == "nf4":
+                self.quantized = quantize_nf4_(model, self.device)
+            model.to(self.device)
+        super().__init__(
+            model.eval(), tokenizer, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, rng=torch.Generator(device=self.device).manual_seed(seed),
+        )  # fmt: skip
 
     def close(self) -> None:
         """Under torchrun every rank must call this once judging is done (see end_distributed)."""

@@ -54,6 +54,13 @@ class EvalOutputs:
     def metrics(self) -> Path:
         return self.output_dir / f"metrics_{self.tag}.json"
 
+    def judged(self, task: str) -> tuple[Path, Path, Path]:
+        """``eval_vqa=True``: the in-process judge's replies (``acc_out_{kind}_{ckpt}.csv``), its
+        accuracy (``acc_{kind}_{ckpt}.csv``, one number, as the original) and medcap's summary."""
+        stem = f"{task}_{self.tag}"
+        return (self.output_dir / f"acc_out_{stem}.csv", self.output_dir / f"acc_{stem}.csv",
+                self.output_dir / f"acc_{stem}_summary.json")  # fmt: skip
+
     def rows(self, task: str) -> dict[int, dict[str, str]]:
         """A task's CSV rows by index ({} when it was not run)."""
         path = self.task_csv(task)

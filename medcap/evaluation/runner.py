@@ -16,11 +16,14 @@ from torchtune import config, training
 from tqdm import tqdm
 
 from medcap.evaluation.answering import DESCRIBE, VQA_MODES, Answerer, Decoding
+from medcap.evaluation.judge import ModelBackend, run_judge
 from medcap.evaluation.outputs import CSV_COLUMNS, EXTRA_COLUMNS, EvalOutputs
-from medcap.evaluation.tasks import CaptionTask, EvalItem, Task, tasks_from_config, user_message
+from medcap.evaluation.tasks import CaptionTask, EvalItem, Task, VQATask, tasks_from_config, user_message
 from medcap.io import ResumableCSV, atomic_write_json
 from medcap.models import assembly
 from medcap.models.checkpoints import load_vision_checkpoint
+
+JUDGE_MAX_NEW_TOKENS = 20  # the original forced this for its in-process judge
 
 
 def expand_checkpoints(spec: Any) -> list[Path | None]:
@@ -69,6 +72,7 @@ class Evaluator:
                 self.cfg, self.tokenizer, self.dtype, vision_dtype=self.dtype, vision_checkpoint=ckpt
             )
             model.to(self.device).eval()
+            tqdm.write(f"vision encoder weights: {model.visual.weights}")
             self.answerer = Answerer(
                 model, self.tokenizer, self.decoding, batch_size=int(self.cfg.get("batch_size", 8)),
                 dtype=self.dtype, rng=self.rng,
@@ -117,6 +121,8 @@ class Evaluator:
         if cfg.get("image"):
             return {"answer": self.answer_one(cfg.image, cfg.get("prompt") or DESCRIBE)}
         tasks = tasks_from_config(cfg, two_turn=self.vqa_mode == "describe_then_answer")
+        if cfg.get("eval_vqa") and not any(isinstance(t, VQATask) for t in tasks):
+            tqdm.write("eval_vqa=True judges VQA answers (test_slake / test_vqarad): no VQA task here, nothing to judge")
         results: dict[str, Any] = {}
         for ckpt in expand_checkpoints(cfg.get("vision_checkpoint")):
             outputs = EvalOutputs.for_checkpoint(self.output_dir, ckpt)
@@ -128,10 +134,24 @@ class Evaluator:
                 summary.update(checkpoint=str(ckpt) if ckpt else None, seconds=round(time.perf_counter() - start, 1),
                                vqa_mode=None if isinstance(task, CaptionTask) else self.vqa_mode,
                                skipped_too_long=self.answerer.skipped)  # fmt: skip
+                tqdm.write(task.report(outputs.tag, summary))
+                if cfg.get("eval_vqa") and isinstance(task, VQATask):
+                    summary["judge"] = self.judge(task, outputs)
                 results.setdefault(outputs.tag, {})[task.name] = summary
                 self.write_metrics(outputs, results[outputs.tag])
-                tqdm.write(task.report(outputs.tag, summary))
         return results
+
+    def judge(self, task: Task, outputs: EvalOutputs) -> dict[str, Any]:
+        """``eval_vqa=True`` (the original's in-process judge): the LLM already loaded says RIGHT
+        or WRONG for each answer (greedy, at most 20 tokens, the strict verdict parser), written
+        to ``acc_out_{kind}_{ckpt}.csv`` / ``acc_{kind}_{ckpt}.csv``; resumes like the answers."""
+        backend = ModelBackend(self.answerer.model, self.tokenizer, max_new_tokens=JUDGE_MAX_NEW_TOKENS)
+        summary = run_judge(outputs.task_csv(task.name), backend, batch_size=self.answerer.batch_size,
+                            outputs=outputs.judged(task.name))  # fmt: skip
+        a = summary["all"]
+        tqdm.write(f"{task.name} [{outputs.tag}] judged by the loaded LLM: accuracy {a['accuracy']} (right {a['right']}, "
+                   f"wrong {a['wrong']}, unparsed {a['unparsed']}; {outputs.judged(task.name)[1].name})")  # fmt: skip
+        return summary
 
     @staticmethod
     def write_metrics(outputs: EvalOutputs, tasks: dict[str, Any]) -> None:

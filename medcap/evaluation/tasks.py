@@ -20,6 +20,8 @@ from medcap.evaluation.vqa import score_item, summarize_scores
 from medcap.io import atomic_write
 
 VQA_KINDS = ("slake", "vqarad")
+PYCOCO_NAMES = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3", "BLEU-4": "Bleu_4",
+                "METEOR": "METEOR", "ROUGE-L": "ROUGE_L", "CIDEr": "CIDEr"}  # fmt: skip
 EVAL_SPLITS = ("test", "val", "train")
 
 
@@ -30,6 +32,12 @@ class EvalItem:
     messages: list[Message]  # the conversation up to the turn to answer
     reference: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def record(self) -> str:
+        """How error messages name this item: its index in the task's source, and its qid."""
+        qid = self.extra.get("qid")
+        return f"{self.index}" + (f", qid {qid}" if qid not in (None, "") else "")
 
     @property
     def instruction(self) -> str:
@@ -105,7 +113,8 @@ class CaptionTask(Task):
         if not rows:
             return {"n": 0, "note": "no caption generated: nothing to score"}
         metrics = caption_metrics([r["generated"] for r in rows], [r["output"] for r in rows])
-        lines = "".join(f"{k},{v}\n" for k, v in metrics.items() if k != "n")
+        # the original's file: pycocoevalcap's own metric names, six decimals, no header
+        lines = "".join(f"{PYCOCO_NAMES[k]},{v:.6f}\n" for k, v in metrics.items() if k in PYCOCO_NAMES)
         atomic_write(outputs.caption_scores, lambda f: f.write(lines.encode()))
         return {**metrics, "note": SPICE_SKIPPED}
 

@@ -1,5 +1,8 @@
 """Config -> model: the one path that training, evaluation, serving and the demo take.
 
+``vision_pretrained`` (default True) starts an encoder that has pretrained weights (BiomedCLIP)
+from them, as the original did, unless ``vision_path`` or ``vision_checkpoint`` decides.
+
 The LLM is whatever ``cfg.model`` builds, with the weights ``cfg.checkpointer`` reads (torchtune's
 Meta or HF checkpointers); the vision side comes from the original command line's top-level keys
 (``vision``, ``vision_path``, ``vision_checkpoint``) plus medcap's (``connector``,
@@ -9,6 +12,7 @@ Meta or HF checkpointers); the vision side comes from the original command line'
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from torchtune import config, training
 from torchtune.modules import TransformerDecoder
 
 from medcap.data.dataset import image_token_id
-from medcap.models.checkpoints import load_checked
+from medcap.models.checkpoints import CorruptCheckpointError, load_checked, refuse_unsafe
 from medcap.models.fusion import MedcapModel, build_medcap_model
 from medcap.models.llms import decoder_from_state
 
@@ -35,10 +39,63 @@ def resolve_precision(device: torch.device, dtype_name: str) -> torch.dtype:
     return dtype
 
 
+class LLMCheckpointer:
+    """torchtune's Meta or Hugging Face checkpointer, chosen by what ``checkpoint_dir`` holds,
+    so one config reads Meta's download (``params.json`` + ``consolidated.00.pth``) and the
+    Hugging Face one (``config.json`` + ``model-0000N-of-0000M.safetensors``) alike, as the
+    original's command lines use both. ``checkpoint_files`` that the folder holds are used as
+    given; otherwise the folder's own files are."""
+
+    def __init__(self, checkpoint_dir: str, model_type: str, output_dir: str,
+                 checkpoint_files: list[str] | None = None, **kwargs: Any):  # fmt: skip
+        from torchtune.training import FullModelHFCheckpointer, FullModelMetaCheckpointer
+
+        folder = Path(checkpoint_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpointer.checkpoint_dir={folder}: folder not found")
+        given = [str(f) for f in checkpoint_files or []]
+        if given and all((folder / f).is_file() for f in given):
+            files = given
+        elif (folder / "config.json").is_file() and sorted(folder.glob("*.safetensors")):
+            files = [p.name for p in sorted(folder.glob("*.safetensors"))]
+        elif (folder / "params.json").is_file() and (folder / "consolidated.00.pth").is_file():
+            if len(list(folder.glob("consolidated.*.pth"))) > 1:
+                raise ValueError(
+                    f"{folder}: holds several consolidated.NN.pth shards (a model-parallel release); medcap's "
+                    "recipes load one file: use the Hugging Face download of the model"
+                )
+            files = ["consolidated.00.pth"]
+        else:
+            held = sorted(p.name for p in folder.iterdir())[:12]
+            raise FileNotFoundError(
+                f"checkpointer.checkpoint_dir={folder}: found neither Meta's layout (params.json + "
+                f"consolidated.00.pth) nor Hugging Face's (config.json + *.safetensors); it holds {held}"
+            )
+        if given and files != given:
+            log.info("checkpointer: %s holds %s, not %s: using the folder's files", folder, files, given)
+        kind = FullModelHFCheckpointer if files[0].endswith(".safetensors") else FullModelMetaCheckpointer
+        self.inner = kind(checkpoint_dir=str(folder), checkpoint_files=files, model_type=model_type,
+                          output_dir=output_dir, **kwargs)  # fmt: skip
+        self._checkpoint_dir = folder
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        return self.inner.load_checkpoint()
+
+
 def read_llm_state(checkpointer: Any) -> tuple[dict[str, torch.Tensor], str]:
     """The LLM's state dict in torchtune names, and where it came from (for error messages)."""
-    state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-    return state, f"LLM checkpoint in {getattr(checkpointer, '_checkpoint_dir', 'the LLM checkpoint')}"
+    where = getattr(checkpointer, "_checkpoint_dir", "the LLM checkpoint")
+    try:
+        state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    except (pickle.UnpicklingError, ValueError) as e:
+        # torchtune's loader wraps torch.load's refusal as "Unable to load checkpoint from ..."
+        cause = e if isinstance(e, pickle.UnpicklingError) else e.__cause__
+        if isinstance(cause, pickle.UnpicklingError):
+            raise refuse_unsafe(f"LLM checkpoint in {where}", cause) from e
+        if "Unable to load checkpoint" in str(e):
+            raise CorruptCheckpointError(f"LLM checkpoint in {where}: {str(e).strip()} ({cause})") from e
+        raise
+    return state, f"LLM checkpoint in {where}"
 
 
 def load_llm_weights(decoder: torch.nn.Module, checkpointer: Any) -> None:
@@ -64,6 +121,7 @@ def fuse_from_config(
         connector=cfg.get("connector"),
         num_image_tokens=cfg.get("num_image_tokens"),
         vision_checkpoint=vision_checkpoint,
+        vision_pretrained=bool(cfg.get("vision_pretrained", True)),
         freeze_vision_encoder=cfg.get("freeze_vision_encoder", False),
         turn_end_ids=getattr(tokenizer, "stop_tokens", ()),
     )

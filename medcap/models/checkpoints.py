@@ -12,6 +12,7 @@ The original's earliest files were flat (``visual.*`` / ``projector.*`` keys); b
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medcap.errors import MedcapError
 from medcap.io import atomic_write, atomic_write_json
 from medcap.models.connectors import connector_spec
 
@@ -27,7 +29,7 @@ MEDCAP_KEY = "medcap"
 FORMAT_VERSION = 1
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(MedcapError, ValueError):
     """Keys or shapes of a checkpoint do not fit the model built for it."""
 
 
@@ -68,6 +70,32 @@ class VisionCheckpoint:
         return saved, n
 
 
+class CorruptCheckpointError(MedcapError, ValueError):
+    """A checkpoint file that cannot be read at all."""
+
+
+class UnsafeCheckpointError(MedcapError, ValueError):
+    """A file that ``torch.load(weights_only=True)`` refuses: it would run code to load."""
+
+
+def unpickling_reason(e: BaseException) -> str:
+    """What the file holds that is not allowed: torch's "Unsupported global" line, without its
+    advice on loading the file unsafely and without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    for line in text.splitlines():
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+            return line.split(" was not an allowed global")[0]
+    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+
+
+def refuse_unsafe(path: str | Path, e: BaseException) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{path}: refused: it holds objects other than tensors and plain containers, which loading "
+        f"would execute ({unpickling_reason(e)})"
+    )
+
+
 def safe_load(path: str | Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers, with errors naming the file."""
     path = Path(path)
@@ -76,12 +104,9 @@ def safe_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refused by torch.load(weights_only=True): it holds objects other than tensors "
-            f"and plain containers ({str(e).splitlines()[0]})"
-        ) from e
+        raise refuse_unsafe(path, e) from e
     except (RuntimeError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+        raise CorruptCheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
 
 
 def read_vision_checkpoint(path: str | Path) -> VisionCheckpoint:
@@ -139,7 +164,7 @@ def load_vision_checkpoint(model: nn.Module, path: str | Path) -> VisionCheckpoi
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temporary name: a crash never leaves a corrupt checkpoint."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
 
 
 def vision_checkpoint_payload(
@@ -168,6 +193,7 @@ def vision_checkpoint_payload(
             "num_image_tokens": model.num_image_tokens,
             "llm_dim": model.llm_dim,
             "image_token_id": model.image_token_id,
+            "vision_init": getattr(model.visual, "weights", None),  # what training started from
             "epoch": epoch,
             "step": step,
             "config": config or {},

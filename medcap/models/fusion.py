@@ -17,12 +17,13 @@ from torch import nn
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules import TransformerDecoder
 
+from medcap.errors import MedcapError
 from medcap.models import checkpoints
 from medcap.models.connectors import build_connector
 from medcap.models.vision import VisionEncoder, build_vision_encoder
 
 
-class PlaceholderMismatchError(ValueError):
+class PlaceholderMismatchError(MedcapError, ValueError):
     """A batch row whose image placeholders do not match the image-token count."""
 
 
@@ -232,6 +233,7 @@ def build_medcap_model(
     connector: str | None = None,
     num_image_tokens: int | None = None,
     vision_checkpoint: str | Path | None = None,
+    vision_pretrained: bool = False,
     freeze_vision_encoder: bool = False,
     turn_end_ids: Sequence[int] = (),
 ) -> MedcapModel:
@@ -239,7 +241,9 @@ def build_medcap_model(
 
     With ``vision_checkpoint`` the connector kind and N are read from the file (the
     original release has N = 32, a later one 50) and its weights are loaded; otherwise
-    ``connector`` defaults to ``cls_mlp``. ``turn_end_ids`` (the tokenizer's ``stop_tokens``)
+    ``connector`` defaults to ``cls_mlp``. Without a checkpoint, ``vision_pretrained`` starts
+    the encoder from its pretrained weights (BiomedCLIP's, from the hub cache), where it has
+    some; a checkpoint alone decides the weights (no hub lookup). ``turn_end_ids`` (the tokenizer's ``stop_tokens``)
     tell the question connectors where the user's question ends.
     """
     llm_dim = decoder_width(decoder)
@@ -253,7 +257,7 @@ def build_medcap_model(
                 f"{vision_checkpoint}: trained with vision={saved_encoder}, but vision={vision} was asked for"
             )
     connector = connector or "cls_mlp"
-    visual = build_vision_encoder(vision, vision_path)
+    visual = build_vision_encoder(vision, vision_path, pretrained=vision_pretrained and ckpt is None)
     projector = build_connector(
         connector,
         pooled_dim=visual.pooled_dim,
@@ -265,5 +269,6 @@ def build_medcap_model(
     model = MedcapModel(decoder, visual, projector, image_token_id, turn_end_ids)
     if ckpt is not None:
         checkpoints.load_vision_state(model, ckpt)
+        visual.weights = f"the vision checkpoint {ckpt.path}"
     set_trainable(model, freeze_vision_encoder)
     return model

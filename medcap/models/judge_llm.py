@@ -79,6 +79,17 @@ def materialize(state: dict) -> dict:
     return {k: v.full() if isinstance(v, ShardPieces) else v for k, v in state.items()}
 
 
+def _load_shard(path: Path) -> dict:
+    import pickle
+
+    from medcap.models.checkpoints import refuse_unsafe
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise refuse_unsafe(path, e) from e
+
+
 def meta_llama_parts(
     ckpt_dir: str | Path, max_seq_len: int = 8192
 ) -> tuple[Callable[[], TransformerDecoder], dict, torch.dtype]:
@@ -94,7 +105,7 @@ def meta_llama_parts(
         files = sorted(ckpt_dir.glob("consolidated.*.pth"))
         if not files:
             raise FileNotFoundError(f"{ckpt_dir}: no consolidated.*.pth files")
-        shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+        shards = [_load_shard(f) for f in files]
         state = meta_to_tune(merge_meta_shards(shards))  # keys only: pieces stay lazy
         dims = dict(vocab_size=params["vocab_size"], num_layers=params["n_layers"], num_heads=params["n_heads"],
                     num_kv_heads=params.get("n_kv_heads", params["n_heads"]), embed_dim=params["dim"],

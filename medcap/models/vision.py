@@ -23,6 +23,8 @@ from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from medcap.errors import MedcapError
+
 ARCH_DIR = Path(__file__).parent / "arch"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # open_clip's own preference order for the weights file of a local-dir folder.
@@ -91,6 +93,7 @@ class VisionEncoder(nn.Module):
         if not isinstance(tower, (TimmModel, VisionTransformer)):
             raise TypeError(f"encoder {name!r}: unsupported open_clip tower {type(tower).__name__}")
         self.name = name
+        self.weights = "random initialisation"  # where the tower's values came from (for logs and checkpoints)
         self.tower = tower
         self.model_cfg = model_cfg
         self.preprocess = preprocess
@@ -161,20 +164,79 @@ def _visual_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     return visual
 
 
-def build_vision_encoder(name: str = "biomedclip", vision_path: str | Path | None = None) -> VisionEncoder:
-    """Build encoder ``name`` (random init), or from a local open_clip folder with weights.
+def _preprocess(cfg: dict[str, Any]) -> Preprocess:
+    size = cfg["model_cfg"]["vision_cfg"].get("image_size", 224)
+    return Preprocess.from_open_clip({"size": size, **cfg.get("preprocess_cfg", {})})
 
-    ``vision_path`` is a folder like a download of BiomedCLIP's hub repository: its
-    ``open_clip_config.json`` decides the architecture, its weights file the values.
+
+def encoder_preprocess(name: str = "biomedclip", vision_path: str | Path | None = None) -> Preprocess:
+    """An encoder's preprocessing without building the encoder (its config alone)."""
+    return _preprocess(_resolve_config(name, vision_path))
+
+
+class PretrainedWeightsUnavailable(MedcapError, FileNotFoundError):
+    """Pretrained weights asked for are neither in the local hub cache nor downloadable."""
+
+
+def hub_repo(name: str) -> tuple[str, str] | None:
+    """(repository, weights file) on the Hugging Face hub that an encoder's pretrained weights
+    come from (the shipped JSON's ``hf_hub`` entry), or None: random initialisation only."""
+    shipped = ARCH_DIR / f"{name}.json"
+    entry = json.loads(shipped.read_text()).get("hf_hub") if shipped.is_file() else None
+    return (entry["repo"], entry["weights"]) if entry else None
+
+
+def hub_snapshot(repo: str, weights: str) -> Path:
+    """The cached snapshot folder holding the repository's open_clip config and weights. The
+    local cache comes first (no network is touched when both files are there, and with
+    ``HF_HUB_OFFLINE=1`` never); otherwise huggingface_hub downloads them where it may."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    paths = []
+    for fname in (OPEN_CLIP_CONFIG, weights):
+        cached = try_to_load_from_cache(repo, fname)
+        if isinstance(cached, str):
+            paths.append(Path(cached))
+            continue
+        try:
+            paths.append(Path(hf_hub_download(repo, fname)))
+        except Exception as e:  # offline, no network, gated, not found: one clear message
+            raise PretrainedWeightsUnavailable(
+                f"pretrained weights {repo}/{fname} are not in the Hugging Face cache ({HF_HUB_CACHE}) and could "
+                f"not be downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download them "
+                f"once on a machine with internet access (`hf download {repo} {OPEN_CLIP_CONFIG} {weights}`, then "
+                "copy the cache, or set HF_HOME), or pass vision_path=FOLDER (a copy of the repository), or "
+                "vision_pretrained=False for random weights"
+            ) from None
+    if paths[0].parent != paths[1].parent:
+        raise PretrainedWeightsUnavailable(f"{repo}: config and weights come from different snapshots {paths}")
+    return paths[0].parent
+
+
+def build_vision_encoder(
+    name: str = "biomedclip", vision_path: str | Path | None = None, pretrained: bool = False
+) -> VisionEncoder:
+    """Build encoder ``name``: from a local open_clip folder with weights (``vision_path``), from
+    its pretrained weights on the Hugging Face hub (``pretrained``, where the encoder has some:
+    BiomedCLIP's image tower, as the original medcap loaded it), or with random weights.
+
+    A folder (given, or the hub's cached snapshot) is an open_clip repository: its
+    ``open_clip_config.json`` decides the architecture, its weights file the values; only the
+    image tower is built. ``encoder.weights`` says where the values came from.
     """
+    source = "random initialisation"
+    if vision_path is None and pretrained and (hub := hub_repo(name)) is not None:
+        vision_path = hub_snapshot(*hub)
+        source = f"pretrained {hub[0]} (revision {vision_path.name}, from the Hugging Face cache {vision_path})"
+    elif vision_path is not None:
+        source = f"the open_clip folder {vision_path}"
     cfg = _resolve_config(name, vision_path)
     model_cfg = cfg["model_cfg"]
     tower = _build_vision_tower(
         model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu=model_cfg.get("quick_gelu", False)
     )
-    vision_cfg = model_cfg["vision_cfg"]
-    preprocess_cfg = {"size": vision_cfg.get("image_size", 224), **cfg.get("preprocess_cfg", {})}
-    encoder = VisionEncoder(name, tower, model_cfg, Preprocess.from_open_clip(preprocess_cfg))
+    encoder = VisionEncoder(name, tower, model_cfg, _preprocess(cfg))
     if vision_path is not None:
         weights = find_weights_file(vision_path)
         missing, unexpected = tower.load_state_dict(_visual_state_dict(weights), strict=False)
@@ -183,4 +245,5 @@ def build_vision_encoder(name: str = "biomedclip", vision_path: str | Path | Non
                 f"{weights}: image tower does not match {Path(vision_path) / OPEN_CLIP_CONFIG}; "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+    encoder.weights = source
     return encoder

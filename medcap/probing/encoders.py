@@ -27,6 +27,8 @@ from medcap.models.vision import (
     VisionEncoder,
     build_vision_encoder,
     find_weights_file,
+    hub_repo,
+    hub_snapshot,
 )
 
 FEATURES_VERSION = 1  # bump when extraction changes, so cached features are recomputed
@@ -144,8 +146,8 @@ def load_encoder(spec: EncoderSpec, seed: int = 0) -> VisionEncoder:
         encoder = build_vision_encoder(spec.vision)
         load_checked(encoder.tower, ckpt.visual, f"{spec.path} ['visual']")
         return encoder
-    if spec.kind == "open_clip":
-        return build_vision_encoder(spec.vision, spec.path)
+    if spec.kind == "open_clip":  # a folder, or a name: its pretrained weights where it has some
+        return build_vision_encoder(spec.vision, spec.path, pretrained=True)
     if spec.kind == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -174,9 +176,10 @@ def encoder_key(spec: EncoderSpec, seed: int, dtype: str) -> str:
         file_digest(arch, h)
     if spec.kind == "checkpoint":
         file_digest(spec.path, h)
-    elif spec.kind == "open_clip" and spec.path is not None:
-        file_digest(spec.path / OPEN_CLIP_CONFIG, h)
-        file_digest(find_weights_file(spec.path), h)
+    elif spec.kind == "open_clip" and (spec.path is not None or hub_repo(spec.vision)):
+        folder = spec.path if spec.path is not None else hub_snapshot(*hub_repo(spec.vision))
+        file_digest(folder / OPEN_CLIP_CONFIG, h)
+        file_digest(find_weights_file(folder), h)
     else:  # weights made by code (random init, or whatever build_vision_encoder(name) loads)
         file_digest(Path(vision_module.__file__), h)
         h.update(f"|{seed}|{torch.__version__}|{open_clip.__version__}".encode())
