@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--quantize", choices=["nf4"], help="4-bit NF4 weights (torchao): a 70B judge on one 80 GB GPU"
     )
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="the judge's weights (default: the checkpoint's on a GPU, fp32 on a CPU)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--template", type=Path, help="prompt template file with {question} {prediction} {answer}")
     p.add_argument(
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         backend = judge.TorchtuneBackend(
             args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_new_tokens=args.max_gen_len,
             temperature=args.temperature, top_k=args.top_k, device=args.device, seed=args.seed,
-            quantize=args.quantize,
+            quantize=args.quantize, dtype=args.dtype,
         )  # fmt: skip
         fits = backend.fits
     if args.exp == "chat":

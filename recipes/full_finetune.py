@@ -31,7 +31,7 @@ from medcap.data.collate import build_dataloader
 from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
 from medcap.errors import run_main
 from medcap.io import atomic_write_json, ensure_writable
-from medcap.models.assembly import build_model, resolve_precision
+from medcap.models.assembly import autocast, build_model, resolve_precision
 from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoint_payload
 from medcap.models.fusion import count_parameters, frozen_fingerprint
 from medcap.recipe_keys import TRAIN, check_keys
@@ -74,7 +74,6 @@ class VisionFinetuneRecipe:
         self.world_size, self.rank = world_size_and_rank()
         self.is_rank_zero = self.rank == 0
         self.llm_dtype = resolve_precision(self.device, cfg.get("dtype", "bf16"))
-        self.autocast = self.device.type == "cuda" and self.llm_dtype == torch.bfloat16
         self.seed = training.set_seed(seed=cfg.get("seed"))
         self.output_dir = Path(cfg.checkpointer.output_dir)
         self.epochs = int(cfg.epochs)
@@ -185,7 +184,7 @@ class VisionFinetuneRecipe:
         images = batch["images"]
         if images is not None:
             images = images.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with autocast(self.device, self.llm_dtype):  # trainable weights fp32, bf16 math under bf16
             logits, targets = self.model(tokens, images=images, labels=labels)
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
         return loss_sum, int(targets.numel())

@@ -231,3 +231,18 @@ def test_eval_split_val_and_metrics_of_separate_runs_merge(ws, tmp_path):
     assert metrics["slake"]["n"] == 1 and metrics["captions"]["n"] == 3  # the second run kept the first's
     with pytest.raises(ValueError, match="VQA-RAD has no validation split"):
         runner.Evaluator(make_cfg(ws, out, "test_vqarad=True", "eval_split=val", f"dataset_source={slake}")).run()
+
+
+def test_bf16_evaluation_on_cpu(ws, tmp_path):
+    """The GPU's evaluation path on a CPU: the LLM in bf16, the vision side fp32 under autocast."""
+    from medcap.evaluation import runner
+
+    cfg = make_cfg(ws, tmp_path, "dtype=bf16", "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=direct",
+                   f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt")  # fmt: skip
+    evaluator = runner.Evaluator(cfg)
+    evaluator.run()
+    model = evaluator.answerer.model
+    assert {p.dtype for p in model.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.visual.parameters()} | {p.dtype for p in model.projector.parameters()} == {torch.float32}
+    rows = read_csv(tmp_path / "test_out_slake_meta_model_0.csv")
+    assert len(rows) == 4 and all(r["generated"] for r in rows)

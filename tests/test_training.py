@@ -314,3 +314,42 @@ def test_end_distributed_tears_the_group_down(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_bf16_on_cpu_runs_the_gpu_mixed_precision_path(workspace, tmp_path):
+    """dtype=bf16 on a CPU: the frozen LLM in bf16, the vision side and its optimizer state in
+    fp32, forwards under bf16 autocast, the loss in fp32; the loss falls, checkpoints hold fp32,
+    the LLM is bitwise unchanged, and a bf16 checkpoint saved the original's way loads."""
+    from conftest import load_tiny_decoder
+    from omegaconf import OmegaConf
+
+    from medcap.cli import load_recipe
+    from medcap.models.fusion import build_medcap_model
+
+    torch.manual_seed(0)
+    start = build_medcap_model(load_tiny_decoder(SPEC, workspace["llm"], "meta", tmp_path / "x"),
+                               image_token_id=400, vision="vit_tiny", num_image_tokens=8)  # fmt: skip
+    original = tmp_path / "last.pt"  # the original's layout: bf16 tensors, no medcap entry
+    torch.save({"visual": {k: v.bfloat16() for k, v in start.visual.tower.state_dict().items()},
+                "projector": {k: v.bfloat16() for k, v in start.projector.state_dict().items()}}, original)  # fmt: skip
+    out = tmp_path / "bf16"
+    args = train_args(workspace, out, "dtype=bf16", "epochs=10", "optimizer.lr=1e-2", "lr_scheduler.num_warmup_steps=2",
+                      f"vision_checkpoint={original}", "verify_frozen_llm=True", "num_image_tokens=8")[4:]  # fmt: skip
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "recipes" / "configs" / "llama3" / "8B_full_single_device.yaml"),
+                          OmegaConf.from_dotlist(args))  # fmt: skip
+    recipe = load_recipe("full_finetune").VisionFinetuneRecipe(cfg)
+    recipe.setup()
+    model = recipe.model
+    assert {p.dtype for p in model.decoder.parameters()} == {torch.bfloat16}
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.float32}
+    assert torch.equal(model.projector[0].weight, start.projector[0].weight.bfloat16().float())  # loaded, upcast
+    recipe.train()
+    recipe.cleanup()
+    assert {t.dtype for s in recipe.optimizer.state.values() for t in s.values() if t.dim()} == {torch.float32}
+    losses = [loss for _, loss in recipe.history]
+    assert len(losses) == 20 and losses[-1] < 0.8 * losses[0], losses
+    ckpt = torch.load(out / "checkpoint" / "meta_model_9.pt", weights_only=True)
+    assert {t.dtype for part in ("visual", "projector") for t in ckpt[part].values()} == {torch.float32}
+    assert json.loads((out / "frozen_llm.json").read_text())["unchanged"] is True

@@ -16,6 +16,7 @@ from medcap.data.dataset import tokenize_chat
 from medcap.data.images import load_image
 from medcap.evaluation.tasks import EvalItem, user_message
 from medcap.generation import generate
+from medcap.models.assembly import autocast
 from medcap.models.fusion import MedcapModel
 
 VQA_MODES = ("direct", "describe_then_answer")
@@ -40,7 +41,7 @@ class Answerer:
         decoding: Decoding,
         *,
         batch_size: int = 8,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32,  # the LLM's: forwards run under autocast to it
         rng: torch.Generator | None = None,
     ):
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
@@ -65,18 +66,11 @@ class Answerer:
         """Answers to (prompt, item) pairs; an image error names the file and the item's record."""
         prompts = [p for p, _ in batch]
         pixels = [self.transform(load_image(it.image, record=it.record)) for _, it in batch if it.image is not None]
-        images = torch.stack(pixels).to(self.device, self.dtype) if pixels else None
-        ids = generate(
-            self.model,
-            prompts,
-            images,
-            max_new_tokens=max_new_tokens,
-            stop_tokens=self.tokenizer.stop_tokens,
-            pad_id=self.tokenizer.pad_id,
-            temperature=self.decoding.temperature,
-            top_k=self.decoding.top_k,
-            rng=self.rng,
-        )
+        images = torch.stack(pixels).to(self.device) if pixels else None
+        with autocast(self.device, self.dtype):
+            ids = generate(self.model, prompts, images, max_new_tokens=max_new_tokens,
+                           stop_tokens=self.tokenizer.stop_tokens, pad_id=self.tokenizer.pad_id,
+                           temperature=self.decoding.temperature, top_k=self.decoding.top_k, rng=self.rng)  # fmt: skip
         return [self.tokenizer.decode(x).strip() for x in ids]
 
     def answer(self, items: list[EvalItem], two_turn: bool) -> Iterator[tuple[EvalItem, str, str]]:

@@ -262,7 +262,7 @@ class TorchtuneBackend(ModelBackend):
 
     def __init__(self, ckpt_dir: str, tokenizer_path: str, *, max_seq_len: int = 200, max_new_tokens: int = 16,
                  temperature: float = 0.0, top_k: int | None = None, device: str | None = None, seed: int = 0,
-                 quantize: str | None = None):  # fmt: skip
+                 quantize: str | None = None, dtype: str | None = None):  # fmt: skip
         import torch
         from torchtune.models.llama3 import llama3_tokenizer
 
@@ -278,12 +278,14 @@ class TorchtuneBackend(ModelBackend):
             raise ValueError(
                 "--quantize nf4 is for one GPU; several processes use tensor parallelism instead"
             )
+        # the checkpoint's dtype (bf16) on a GPU and fp32 on a CPU, unless dtype= says otherwise
+        weights = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype] if dtype else None
         if self.world_size > 1:
-            model = load_tensor_parallel(ckpt_dir, max_seq_len, self.device, self.world_size)
+            model = load_tensor_parallel(ckpt_dir, max_seq_len, self.device, self.world_size, weights)
         else:
             model = load_meta_llama(ckpt_dir, max_seq_len=max_seq_len)
-            if self.device.type == "cpu":
-                model.float()
+            if weights is not None or self.device.type == "cpu":
+                model.to(weights or torch.float32)
             if quantize == "nf4":
                 self.quantized = quantize_nf4_(model, self.device)
             model.to(self.device)

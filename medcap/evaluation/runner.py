@@ -68,9 +68,8 @@ class Evaluator:
     def load(self, ckpt: Path | None) -> Answerer:
         """The LLM once; then only the vision weights change between checkpoints."""
         if self.answerer is None:
-            model = assembly.build_model(
-                self.cfg, self.tokenizer, self.dtype, vision_dtype=self.dtype, vision_checkpoint=ckpt
-            )
+            # the vision side stays fp32 and runs under autocast, as in training
+            model = assembly.build_model(self.cfg, self.tokenizer, self.dtype, vision_checkpoint=ckpt)
             model.to(self.device).eval()
             tqdm.write(f"vision encoder weights: {model.visual.weights}")
             self.answerer = Answerer(

@@ -22,6 +22,7 @@ from torchtune import config, training
 from torchtune.modules import TransformerDecoder
 
 from medcap.data.dataset import image_token_id
+from medcap.errors import ConfigError
 from medcap.models.checkpoints import CorruptCheckpointError, load_checked, refuse_unsafe
 from medcap.models.fusion import MedcapModel, build_medcap_model
 from medcap.models.llms import decoder_from_state
@@ -30,13 +31,26 @@ log = logging.getLogger("medcap")
 _FROM_CONFIG = object()
 
 
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
 def resolve_precision(device: torch.device, dtype_name: str) -> torch.dtype:
-    """The frozen LLM's dtype: as configured on GPU (bf16 by default); fp32 on CPU, where bf16
-    matmuls are slow and torchtune refuses them."""
-    dtype = training.get_dtype(dtype_name, device=device) if device.type != "cpu" else torch.float32
-    if device.type == "cpu" and dtype_name not in ("fp32", "float32"):
-        log.warning("dtype=%s requested on CPU: running everything in fp32", dtype_name)
-    return dtype
+    """The frozen LLM's dtype, the same policy on every device so that a CPU runs the GPU's code:
+    ``bf16``: the LLM in bf16, the vision encoder and connector (and their optimizer state) in
+    fp32, forwards under bf16 autocast (``autocast``), the loss in fp32; ``fp32``: fp32
+    throughout. fp16 is refused: its range overflows in Llama's activations without loss
+    scaling, which medcap does not do."""
+    name = str(dtype_name).lower()
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={dtype_name}: expected bf16 or fp32")
+    if DTYPES[name] == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"dtype={dtype_name}: this GPU has no bf16 support; use dtype=fp32")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, llm_dtype: torch.dtype):
+    """Forwards under autocast to the LLM's dtype when it is not fp32 (fp32 weights, bf16 math)."""
+    return torch.autocast(device.type, dtype=llm_dtype, enabled=llm_dtype != torch.float32)
 
 
 class LLMCheckpointer:

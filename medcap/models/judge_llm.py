@@ -146,19 +146,19 @@ def meta_llama_parts(
 
 
 def load_tensor_parallel(
-    ckpt_dir: str | Path, max_seq_len: int, device: torch.device, world_size: int
+    ckpt_dir: str | Path, max_seq_len: int, device: torch.device, world_size: int, dtype: torch.dtype | None = None
 ) -> TransformerDecoder:
     """The decoder sharded over ``world_size`` processes with torchtune's Llama plan (the process
-    group must exist); each rank reads only its own slice of each weight."""
+    group must exist); each rank reads only its own slice of each weight. ``dtype``: the
+    checkpoint's own by default (fp32 on a CPU)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
     from torchtune.models.llama3._parallelism import base_llama_tp_plan
     from torchtune.training import prepare_mha_for_tp, set_default_dtype
 
     mesh = init_device_mesh(device.type, (world_size,))
-    build, state, dtype = meta_llama_parts(ckpt_dir, max_seq_len)
-    if device.type == "cpu":
-        dtype = torch.float32
+    build, state, file_dtype = meta_llama_parts(ckpt_dir, max_seq_len)
+    dtype = dtype or (torch.float32 if device.type == "cpu" else file_dtype)
     with set_default_dtype(dtype), torch.device("meta"):
         model = build()
     prepare_mha_for_tp(model, mesh)
