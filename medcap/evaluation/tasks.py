@@ -34,8 +34,11 @@ class EvalItem:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def record(self) -> str:
-        """How error messages name this item: its index in the task's source, and its qid."""
+    def record(self) -> str | None:
+        """How error messages name this item: its index in the task's source, and its qid (none
+        for a lone image, index -1)."""
+        if self.index < 0:
+            return None
         qid = self.extra.get("qid")
         return f"{self.index}" + (f", qid {qid}" if qid not in (None, "") else "")
 
