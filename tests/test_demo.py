@@ -71,3 +71,22 @@ def test_second_run_reuses_data_and_llm(demo_run, capfd):
     out = capfd.readouterr().out
     assert "already built (reused)" in out and "already converted (reused)" in out
     assert set(timings) == {"convert_llm"}
+
+
+def test_probe_section_says_whether_training_improved_the_features(demo_run):
+    """The demo answers the seed's claim: the trained encoder, random init and pixels, probed on
+    the mini SLAKE's modality, plane and body part (held-out test images), with intervals."""
+    paths, _ = demo_run
+    probe = json.loads((paths.root / "summary.json").read_text())["probe"]
+    assert set(probe) == {"Modality", "Plane", "Organ"}
+    for section in probe.values():
+        assert set(section["encoders"]) == {"trained (meta_model_0)", "untrained (random init)", "pixel baseline"}
+        for m in section["encoders"].values():
+            acc = m["accuracy"]
+            assert 0.0 <= acc["ci_low"] <= acc["value"] <= acc["ci_high"] <= 1.0
+        for d in section["trained_minus"].values():
+            assert d["ci_low"] <= d["value"] <= d["ci_high"]
+            assert d["verdict"] in ("better", "worse", "no clear difference")
+        assert section["n_test"] > 0 and section["n_train"] > section["n_test"] // 2
+    assert "Does training against the frozen LLM give better image features?" in (paths.root / "report.html").read_text()
+    assert (paths.root / "probe" / "modality" / "probe.json").is_file()

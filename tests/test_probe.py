@@ -248,6 +248,11 @@ def test_csv_labels_selectors_groups_and_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="b.csv: class 'mri' has no training image"):
         read_labels(tmp_path / "b.csv")
+    (tmp_path / "d.csv").write_text(
+        "image,label,split\nimg/0.jpg,ct,train\nimg/1.jpg,mri,train\nimg/2.jpg,ct,test\nimg/3.jpg,mri,test\nimg/0.jpg,pet,test\n"
+    )
+    kept = read_labels(tmp_path / "d.csv", unseen_test_classes="drop")  # left out, and counted
+    assert kept.classes == ["ct", "mri"] and len(kept.images) == 4 and kept.summary()["dropped_unseen_classes"] == {"pet": 1}
     (tmp_path / "c.csv").write_text(
         "image,label,split,group\nimg/0.jpg,ct,train,p1\nimg/1.jpg,ct,test,p1\n"
         "img/2.jpg,mri,train,p2\nimg/3.jpg,mri,test,p3\n"

@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max_steps_per_epoch", type=int, default=None, help="fewer steps (quick checks)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only (quick checks)")
     args = parser.parse_args(argv)
+    from medcap.demo.probe import probe_demo
     from medcap.demo.report import write_report
 
     start = time.perf_counter()
@@ -181,6 +182,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoint, timings["train"] = train(paths, args.epochs, args.max_steps_per_epoch)
     trained = evaluate(paths, "trained", checkpoint, args.limit)
     timings["evaluate_trained"] = trained["seconds"]
+    print("\n== linear probes of the trained encoder, random initialisation and pixels (medcap.probing)", flush=True)
+    start_probe = time.perf_counter()
+    probe = probe_demo(paths.slake, checkpoint, paths.root / "probe")
+    timings["probe"] = time.perf_counter() - start_probe
     timings["total"] = time.perf_counter() - start
-    return write_report(paths, baseline, trained, timings)
+    return write_report(paths, baseline, trained, timings, probe)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medcap.data.sources import read_slake
+from medcap.demo.probe import probe_html, probe_lines
 from medcap.demo.slake import MODALITY_WORDS, PLANE_NAMES, modality_question, plane_question
 from medcap.evaluation.vqa import closed_correct, first_word, is_yes_no, normalize_answer, score_item
 from medcap.io import atomic_write, atomic_write_json
@@ -296,6 +297,12 @@ def gallery(baseline: dict[str, Any], trained: dict[str, Any]) -> str:
     return "\n".join(cards)
 
 
+def probe_section(probe: dict[str, Any] | None) -> str:
+    if not probe:
+        return ""
+    return "<h2>Does training against the frozen LLM give better image features?</h2>" + probe_html(probe)
+
+
 def write_html(path: Path, summary: dict[str, Any], figure: Path, baseline: dict, trained: dict) -> Path:
     b, t = summary["baseline"], summary["trained"]
     rows = "".join(
@@ -338,6 +345,7 @@ model compares at all.
 Closed answers are right when the first word is the gold yes/no; open recall is the share of the
 gold answer's words found in the answer (LLaVA-Med's measure). Captions: pycocoevalcap (SPICE skipped).
 Greedy decoding. Total run {summary['seconds'].get('total', 0):.0f} s.</p>
+{probe_section(summary.get("probe"))}
 <h2>Held-out test images</h2>
 {gallery(baseline, trained)}
 </body></html>"""
@@ -345,7 +353,8 @@ Greedy decoding. Total run {summary['seconds'].get('total', 0):.0f} s.</p>
     return path
 
 
-def write_report(paths: Any, baseline: dict[str, Any], trained: dict[str, Any], timings: dict[str, float]) -> dict:
+def write_report(paths: Any, baseline: dict[str, Any], trained: dict[str, Any], timings: dict[str, float],
+                 probe: dict[str, Any] | None = None) -> dict:  # fmt: skip
     """summary.json, summary.png and report.html under ``paths.root``; prints the table."""
     history = loss_history(paths.checkpoints)
     frozen = paths.trained / "frozen_llm.json"
@@ -365,12 +374,15 @@ def write_report(paths: Any, baseline: dict[str, Any], trained: dict[str, Any], 
             "llm_fingerprint": frozen_check.get("after"),
         },
         "dataset": json.loads(counts_file.read_text()) if counts_file.is_file() else {},
+        "probe": probe or {},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     atomic_write_json(paths.root / "summary.json", summary, indent=2)
     figure = summary_figure(summary, history, paths.root / "summary.png")
     report = write_html(paths.root / "report.html", summary, figure, baseline, trained)
     print("\n" + metrics_table(summary))
+    if probe:
+        print("\n".join(probe_lines(probe)))
     print(f"\nLLM weights: {'bitwise unchanged' if summary['training']['llm_unchanged'] else 'CHANGED'}")
     print(f"report: {report}\nsummary: {paths.root / 'summary.json'}, {figure}")
     return summary

@@ -67,6 +67,7 @@ class ProbeSettings:
     split_column: str = "split"
     group_column: str = "group"
     test_fraction: float = 0.25
+    unseen_test_classes: str = "refuse"  # a test class with no training image: refuse, or drop its images
     vision: str = "biomedclip"  # architecture of checkpoints that do not name theirs
     device: str = "cpu"
     dtype: str = "fp32"
@@ -113,6 +114,7 @@ def read_labelled_set(labels: str | Path | LabelledSet, settings: ProbeSettings)
         group_column=settings.group_column,
         test_fraction=settings.test_fraction,
         seed=settings.seed,
+        unseen_test_classes=settings.unseen_test_classes,
     )
 
 
@@ -152,6 +154,7 @@ def fit_all(features: Mapping[str, Features], lset: LabelledSet, settings: Probe
         "labels": lset.summary(),
         "settings": asdict(settings),
         "majority_class": scores(y[test], majority),
+        "test_labels": y[test].tolist(),  # class indices, in the order of the predictions
         "encoders": {},
         "results": {},
         "fewshot": {},

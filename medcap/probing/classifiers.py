@@ -140,10 +140,13 @@ def evaluate(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, Any]:
     proba = full_proba(model, x, n_classes)
     point, ci = scores(y, proba), bootstrap_intervals(y, proba, n_resamples, seed, level)
-    return {m: {"value": point[m], "ci_low": ci[m][0], "ci_high": ci[m][1]} for m in METRICS}
+    out: dict[str, Any] = {m: {"value": point[m], "ci_low": ci[m][0], "ci_high": ci[m][1]} for m in METRICS}
+    # per test image, so that two encoders can be compared on the same images (paired)
+    out["predictions"] = proba.argmax(axis=1).tolist()
+    return out
 
 
 def few_shot(

@@ -49,6 +49,7 @@ class LabelledSet:
     images: list[LabelledImage]
     split_how: str = "given"
     classes: list[str] = field(init=False)
+    dropped: dict[str, int] = field(default_factory=dict)  # unseen class -> test images left out
 
     def __post_init__(self) -> None:
         self.classes = sorted({im.label for im in self.images})
@@ -76,6 +77,7 @@ class LabelledSet:
             "n_test": sum(count["test"].values()),
             "per_class": {c: {s: count[s][c] for s in count} for c in self.classes},
             "groups": len(set(im.group for im in self.images)),
+            "dropped_unseen_classes": dict(self.dropped),
         }
 
 
@@ -248,12 +250,19 @@ def draw_split(lset: LabelledSet, test_fraction: float = 0.25, seed: int = 0) ->
     return lset
 
 
-def check_split(lset: LabelledSet) -> LabelledSet:
-    """Refuse what would make the scores meaningless: one class, a class never trained on, a
-    source on both sides."""
+def check_split(lset: LabelledSet, unseen: str = "refuse") -> LabelledSet:
+    """Refuse what would make the scores meaningless: one class, a class never trained on (or,
+    with ``unseen="drop"``, leave its test images out and say how many), a source on both sides."""
+    train = {im.label for im in lset.images if im.split == "train"}
+    if unseen == "drop":
+        dropped = {c: sum(im.label == c for im in lset.images) for c in lset.classes if c not in train}
+        if dropped:
+            lset = LabelledSet(lset.source, lset.kind, [im for im in lset.images if im.label in train],
+                               lset.split_how, dropped=dropped)  # fmt: skip
+    elif unseen != "refuse":
+        raise ValueError(f"unseen_test_classes={unseen!r}: expected refuse or drop")
     if len(lset.classes) < 2:
         raise ValueError(f"{lset.source}: only one class ({lset.classes}); a probe needs two or more")
-    train = {im.label for im in lset.images if im.split == "train"}
     for c in lset.classes:
         if c not in train:
             first = next(im for im in lset.images if im.label == c)
@@ -285,6 +294,7 @@ def read_labels(
     group_column: str = "group",
     test_fraction: float = 0.25,
     seed: int = 0,
+    unseen_test_classes: str = "refuse",
 ) -> LabelledSet:
     """Read any supported labelled set, draw a split where it gives none, and check it."""
     path = Path(spec)
@@ -314,4 +324,4 @@ def read_labels(
             first = next(im for im in lset.images if im.split is None)
             raise ValueError(f"{first.where}: no split, while other records have one")
         draw_split(lset, test_fraction, seed)
-    return check_split(lset)
+    return check_split(lset, unseen_test_classes)
