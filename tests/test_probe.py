@@ -422,3 +422,24 @@ def test_demo_mini_slake_modality_probe(demo_slake, tmp_path):
     assert labels["n_train"] == counts["train_images"] + counts["validate_images"]
     assert labels["n_test"] == counts["test_images"]
     assert set(result["results"]) == {"random_vit_tiny", "pixels_16"}
+
+
+@pytest.mark.slow
+def test_pretrained_biomedclip_from_the_hub_cache_is_an_encoder(patterns, tmp_path):
+    """encoders=[biomedclip]: the pretrained tower out of the Hugging Face cache (offline), beside
+    its random initialisation; the cache key follows the cached weights."""
+    from conftest import write_hub_biomedclip
+
+    write_hub_biomedclip(tmp_path / "hub")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "medcap.cli", "run", "probe", "--config", "probe", f"labels={patterns}",
+         f"output_dir={out}", "encoders=[biomedclip]", "bootstrap_resamples=20", "fewshot_draws=1",
+         "fewshot_sizes=[1]", "logreg_Cs=[1.0]", "progress=False", "figure=False"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "probe.json").read_text())
+    assert set(result["results"]) == {"biomedclip", "random_biomedclip", "pixels_16"}
+    assert result["encoders"]["biomedclip"]["dim"] == 512
