@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # This machine's pip.conf names local indexes that may be absent; hide only that noise.
 PIP_QUIET := 2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: demo smoke test test-quick lint install java clean
+.PHONY: demo smoke serve test test-quick lint install java chromium clean
 
 install: $(STAMP)
 
@@ -33,10 +33,32 @@ java:
 		exit 1; \
 	fi
 
+# the page's browser test (tests/test_serving.py) drives Debian's chromium through playwright
+chromium:
+	@command -v chromium >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "chromium not found: installing Debian's chromium (for the web page's browser test)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "error: the web page's browser test needs chromium; install it (Debian: apt-get install chromium)" >&2; \
+		exit 1; \
+	fi
+
 # the main job: a frozen SmolLM2-135M-Instruct learns to read a mini SLAKE of shipped medical
 # images on the CPU; data and the converted LLM are reused on later runs
 demo: install java
 	$(PY) -m medcap.demo --output_dir demo_output
+
+# the model `make demo` trained (its last epoch) behind an OpenAI-compatible API and a web page:
+# http://127.0.0.1:8000/ ; more settings as key=value in SERVE_ARGS (port=8080 max_batch_size=16 ...)
+SERVE_ARGS ?=
+serve: install
+	@ls demo_output/trained/checkpoint/meta_model_*.pt >/dev/null 2>&1 || \
+		{ echo "error: no trained checkpoint in demo_output/trained/checkpoint: run make demo first" >&2; exit 1; }
+	$(PY) -m medcap.cli serve --config smollm2/135M_demo_generation \
+		checkpointer.checkpoint_dir=demo_output/models/SmolLM2-135M-Instruct \
+		tokenizer.path=demo_output/models/SmolLM2-135M-Instruct/tokenizer.json \
+		vision_checkpoint='demo_output/trained/checkpoint/meta_model_*.pt' $(SERVE_ARGS)
 
 # medcap's core loop on a tiny random LLM in Meta's format, in seconds
 smoke: install
@@ -45,7 +67,7 @@ smoke: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install java lint
+test: install java chromium lint
 	$(PY) -m pytest
 
 # the inner loop: everything but the end-to-end tests marked slow

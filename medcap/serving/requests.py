@@ -1,0 +1,240 @@
+"""OpenAI chat-completion requests -> what the batching worker decodes: prompt token ids (the
+evaluation's own prompt path: ``tokenize_chat`` with an empty assistant turn), image tensors
+through the encoder's eval transform, and the sampling settings.
+
+The schema is OpenAI's (``messages`` with string or part-list content; ``max_tokens``,
+``temperature``, ``top_p``, ``stop``, ``seed``, ``stream``), plus medcap's ``top_k``. Features
+medcap cannot honour (``n > 1``, penalties, logprobs, tools, JSON mode) are refused with a 400
+naming the field rather than silently ignored. Within a message, images come before its text,
+as medcap trains (``<image>`` then the question), which the question-aware connectors rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torchtune.data import Message
+
+from medcap.data.dataset import tokenize_chat
+from medcap.serving.errors import APIError
+from medcap.serving.image_urls import decode_image_url
+
+MAX_IMAGES = 8  # per request
+MAX_STOP = 4  # stop strings, as OpenAI
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None  # accepted; medcap's encoders have one input size
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _plain_string(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's ``POST /v1/chat/completions`` body, as far as medcap honours it."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=1)  # medcap's (and vLLM's) extension
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    presence_penalty: float = Field(default=0.0, ge=0, le=0)
+    frequency_penalty: float = Field(default=0.0, ge=0, le=0)
+    logprobs: Literal[False] | None = None
+    tools: list[Any] | None = Field(default=None, max_length=0)
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None:
+            if len(stops) > MAX_STOP:
+                raise ValueError(f"at most {MAX_STOP} stop sequences")
+            if any(not s for s in stops):
+                raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError("only response_format type 'text' is supported")
+        return value
+
+
+UNSUPPORTED = {
+    "n": "only n=1 is supported",
+    "presence_penalty": "penalties are not supported (0 only)",
+    "frequency_penalty": "penalties are not supported (0 only)",
+    "logprobs": "logprobs are not supported",
+    "tools": "tool calls are not supported",
+}
+BRANCH = re.compile(r"^(str|int|float|bool|none|list\[.*|tagged-union\[.*|function-.*)$")
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    """Pydantic's error location -> OpenAI's ``param`` (``messages[0].content[1].image_url``),
+    without pydantic's union-branch labels and discriminator tags."""
+    out: list[str] = []
+    tagged = False
+    for part in loc:
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        elif BRANCH.match(str(part)):
+            tagged = str(part).startswith("list[tagged-union")
+        elif tagged and out and out[-1].startswith("["):
+            tagged = False  # the part's "type" value, which pydantic puts in the location
+        else:
+            out.append(f".{part}" if out else str(part))
+    return "".join(out)
+
+
+def parse_body(body: bytes) -> ChatCompletionRequest:
+    """JSON bytes -> a validated request, or a 400 naming the field."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        first = max(errors, key=lambda err: len(err["loc"]))  # the branch that got furthest
+        param = _param(tuple(first["loc"]))
+        if first["type"] in ("list_type", "string_type") and param.endswith("content"):
+            first = {**first, "msg": "expected a string or a list of content parts"}
+        elif param in UNSUPPORTED:
+            first = {**first, "msg": UNSUPPORTED[param]}
+        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param or None,
+                       code="invalid_value") from None  # fmt: skip
+
+
+@dataclass
+class PromptContext:
+    """What turning a request into model input needs; built once per server."""
+
+    tokenizer: Any
+    num_image_tokens: int
+    transform: Any  # PIL image -> [3, H, W] (the encoder's eval transform); None: text only
+    max_seq_len: int  # the decoder's context: prompt + max_tokens must fit
+    default_max_tokens: int
+    default_temperature: float
+    default_top_k: int | None
+    image_root: str | None
+    max_image_pixels: int
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the worker."""
+
+    prompt: list[int]
+    images: torch.Tensor | None  # [M, 3, H, W]
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _messages(req: ChatCompletionRequest, ctx: PromptContext) -> tuple[list[Message], list[torch.Tensor]]:
+    messages, pixels = [], []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role
+        if isinstance(m.content, str) or m.content is None:
+            messages.append(Message(role=role, content=m.content or "", masked=role != "assistant"))
+            continue
+        images, texts = [], []
+        for j, part in enumerate(m.content):
+            param = f"messages[{i}].content[{j}]"
+            if isinstance(part, TextPart):
+                texts.append({"type": "text", "content": part.text})
+                continue
+            if role != "user":
+                raise APIError(400, f"{param}: images belong in user messages", param=param)
+            if ctx.transform is None:
+                raise APIError(400, f"{param}: this server serves a text-only model", param=param)
+            if len(pixels) == MAX_IMAGES:
+                raise APIError(400, f"{param}: at most {MAX_IMAGES} images per request", param=param)
+            image = decode_image_url(part.image_url.url, image_root=ctx.image_root,
+                                     max_pixels=ctx.max_image_pixels, param=f"{param}.image_url.url")  # fmt: skip
+            pixels.append(ctx.transform(image))
+            images.append({"type": "image", "content": image})
+        messages.append(Message(role=role, content=images + texts, masked=role != "assistant"))
+    return messages, pixels
+
+
+def prepare(req: ChatCompletionRequest, ctx: PromptContext) -> Prepared:
+    """Tokens, images and sampling settings of a validated request (decodes its images: call it
+    off the event loop)."""
+    messages, pixels = _messages(req, ctx)
+    prompt, _ = tokenize_chat(ctx.tokenizer, [*messages, Message(role="assistant", content="")],
+                              ctx.num_image_tokens, add_end_tokens=False)  # fmt: skip
+    room = ctx.max_seq_len - len(prompt)
+    asked = req.max_completion_tokens or req.max_tokens
+    if room < 1 or (asked is not None and asked > room):
+        raise APIError(
+            400, f"the prompt is {len(prompt)} tokens (images included) and max_tokens {asked or 1}, over the "
+            f"model's context of {ctx.max_seq_len} tokens",
+            param="max_tokens" if asked and room >= 1 else "messages", code="context_length_exceeded",
+        )  # fmt: skip
+    temperature = ctx.default_temperature if req.temperature is None else req.temperature
+    return Prepared(
+        prompt=list(prompt),
+        images=torch.stack(pixels) if pixels else None,
+        max_tokens=asked or min(ctx.default_max_tokens, room),
+        temperature=float(temperature),
+        top_k=req.top_k if req.top_k is not None else ctx.default_top_k,
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        seed=req.seed,
+        stop=list(req.stop or []),
+        stream=req.stream,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+    )

@@ -1,0 +1,132 @@
+"""Config -> loaded model -> the app on uvicorn: ``medcap serve`` and, for tests and benchmarks,
+``BackgroundServer`` (the same app in a thread of this process, on a free loopback port).
+
+The model comes from the generate recipe's keys through ``medcap.models.assembly.build_model``:
+``model`` + ``checkpointer`` + ``tokenizer``, the vision keys, ``device``, ``dtype``, ``seed`` and
+``vision_checkpoint`` (a glob serves its last match, in epoch order: ``meta_model_*.pt``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+from omegaconf import DictConfig, ListConfig
+from torchtune import config, training
+
+from medcap.evaluation.runner import expand_checkpoints
+from medcap.models import assembly
+from medcap.recipe_keys import GENERATE, check_keys
+from medcap.serving.app import ModelInfo, Served, create_app
+from medcap.serving.engine import Engine
+from medcap.serving.metrics import Metrics
+from medcap.serving.requests import PromptContext
+from medcap.serving.settings import ServeSettings
+
+log = logging.getLogger("medcap.serve")
+SERVE = GENERATE | ServeSettings.keys()
+
+
+def pick_checkpoint(spec: Any) -> Path | None:
+    """One vision checkpoint: a file, or a glob's last match (the latest epoch); a list is an error."""
+    if isinstance(spec, (list, tuple, ListConfig)) and len(spec) != 1:
+        raise ValueError(f"vision_checkpoint: serve takes one checkpoint (a file or a glob), not a list of {len(spec)}")
+    found = expand_checkpoints(spec)
+    if len(found) > 1:
+        log.info("vision_checkpoint=%s matches %d files: serving the last, %s", spec, len(found), found[-1])
+    ckpt = found[-1]
+    if ckpt is not None and not ckpt.is_file():
+        raise FileNotFoundError(f"vision_checkpoint={ckpt}: file not found")
+    return ckpt
+
+
+def load(cfg: DictConfig) -> Served:
+    """Everything ``create_app`` needs, from a generate-recipe config plus the serving keys."""
+    check_keys(cfg, SERVE, "serve")
+    settings = ServeSettings.from_config(cfg)
+    settings.check_exposure()
+    device = torch.device(cfg.get("device", "cuda"))
+    dtype = assembly.resolve_precision(device, cfg.get("dtype", "bf16"))
+    training.set_seed(seed=cfg.get("seed"))  # an untrained encoder gets the evaluation's random weights
+    tokenizer = config.instantiate(cfg.tokenizer)
+    ckpt = pick_checkpoint(cfg.get("vision_checkpoint"))
+    # as in evaluation: the LLM in ``dtype``, the vision side fp32 under autocast (the worker's)
+    model = assembly.build_model(cfg, tokenizer, dtype, vision_checkpoint=ckpt)
+    model.to(device).eval()
+    llm = Path(str(cfg.checkpointer.get("checkpoint_dir", "llm"))).name
+    name = settings.model_name or f"medcap-{llm}" + (f"-{ckpt.stem}" if ckpt else "")
+    preprocess = model.visual.preprocess
+    info = ModelInfo(
+        name=name, llm=llm, vision_checkpoint=ckpt.name if ckpt else None, vision=model.visual.name,
+        connector=type(model.projector).__name__, num_image_tokens=model.num_image_tokens,
+        image_size=int(preprocess.size), max_seq_len=int(model.decoder.max_seq_len), created=int(time.time()),
+    )  # fmt: skip
+    context = PromptContext(
+        tokenizer=tokenizer, num_image_tokens=model.num_image_tokens, transform=preprocess.transform(),
+        max_seq_len=int(model.decoder.max_seq_len), default_max_tokens=int(settings.max_new_tokens),
+        default_temperature=float(settings.temperature or 0.0), default_top_k=settings.top_k,
+        image_root=settings.image_root, max_image_pixels=int(settings.max_image_pixels),
+    )  # fmt: skip
+    metrics = Metrics()
+    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                    batch_wait_ms=settings.batch_wait_ms, retry_after_s=settings.retry_after_s, seed=settings.seed,
+                    metrics=metrics)  # fmt: skip
+    return Served(engine, context, settings, info, metrics)
+
+
+def _uvicorn_config(app: Any, settings: ServeSettings, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on", server_header=False,
+        # a hard backstop behind the queue's own 429s: connections beyond this get 503
+        limit_concurrency=settings.max_queue + settings.max_batch_size + 64, timeout_graceful_shutdown=10,
+    )  # fmt: skip
+
+
+def serve(cfg: DictConfig) -> None:
+    """``medcap serve``: load the model, then answer until interrupted."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    served = load(cfg)
+    s = served.settings
+    log.info("settings: %s", s.described())
+    shown = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    log.info("serving %s: page http://%s:%d/ ; OpenAI base_url http://%s:%d/v1%s", served.info.name, shown, s.port,
+             shown, s.port, "" if s.api_key else " (no API key)")  # fmt: skip
+    uvicorn.Server(_uvicorn_config(create_app(served), s, s.host, s.port, s.log_level)).run()
+
+
+class BackgroundServer:
+    """The app served by uvicorn in a daemon thread of this process, for tests and benchmarks:
+
+        with BackgroundServer(load(cfg)) as server:
+            openai.OpenAI(base_url=server.url + "/v1", api_key="-")...
+    """
+
+    def __init__(self, served: Served, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        self.served = served
+        self.app = create_app(served)
+        self.server = uvicorn.Server(_uvicorn_config(self.app, served.settings, host, port, log_level))
+        self.thread = threading.Thread(target=self.server.run, name="medcap-serve-http", daemon=True)
+        self.host, self.port = host, port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
