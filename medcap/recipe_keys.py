@@ -26,7 +26,7 @@ TRAIN = MODEL | {
 GENERATE = MODEL | {
     "batch_size", "max_new_tokens", "temperature", "top_k", "test_metrics", "test_slake", "test_vqarad",
     "dataset_source", "dataset_conversation_style", "dataset_chat_format", "dataset_max_seq_len", "vqa_mode",
-    "answer_types", "eval_split", "eval_vqa", "limit", "image", "prompt",
+    "answer_types", "eval_split", "eval_vqa", "limit", "image", "prompt", "compile", "two_turn_cache",
 }  # fmt: skip
 # Keys of torchtune's own recipe configs and of the original medcap's: accepted, not used.
 ACCEPTED_UNUSED = {

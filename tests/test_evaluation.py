@@ -130,10 +130,10 @@ def test_resume_after_interruption(ws, tmp_path, monkeypatch):
     from medcap.evaluation import answering
 
     calls = []
-    real = answering.generate
-    monkeypatch.setattr(answering, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real = answering.generate_two_turns
+    monkeypatch.setattr(answering, "generate_two_turns", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     runner.Evaluator(cfg).run()
-    assert sum(calls) == 2  # one item: its description and its answer
+    assert sum(calls) == 1  # one item: its description and its answer, in one two-turn call
     assert read_csv(path) == full
 
 
@@ -290,3 +290,17 @@ def test_two_processes_write_what_one_process_writes(ws, tmp_path):
     merged = read_csv(three / "test_out_slake_meta_model_0.csv")
     assert [r["generated"] for r in merged] == [r["generated"] if i != 1 else "KEPT FROM THE KILLED RANK"
                                                 for i, r in enumerate(rows)]  # fmt: skip
+
+
+def test_two_turns_on_the_first_turns_cache_equal_recomputing(ws, tmp_path):
+    """describe_then_answer: the second turn continued on the first turn's KV caches gives the
+    rows (descriptions and answers) that running the second prompt from scratch gives."""
+    from medcap.evaluation import runner
+
+    common = ("test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=describe_then_answer",
+              f"vision_checkpoint={ws['ckpt']}/meta_model_1.pt", "batch_size=3", "max_new_tokens=12")  # fmt: skip
+    runner.Evaluator(make_cfg(ws, tmp_path / "cached", *common)).run()
+    runner.Evaluator(make_cfg(ws, tmp_path / "recomputed", *common, "two_turn_cache=False")).run()
+    cached = read_csv(tmp_path / "cached" / "test_out_slake_meta_model_1.csv")
+    assert cached == read_csv(tmp_path / "recomputed" / "test_out_slake_meta_model_1.csv")
+    assert len(cached) == 4 and all(r["description"] for r in cached)

@@ -100,3 +100,46 @@ def test_sampling_is_seeded(model):
         rng=torch.Generator().manual_seed(1),
     )
     assert greedy == top1
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens(model):
+    """compile_decoding: the decode step through torch.compile (weights frozen into the graph);
+    batch sizes padded to a power of two; the same greedy tokens as eager decoding."""
+    from medcap.generation import compile_decoding, decoding_is_compiled
+
+    prompts = _prompts()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=8, stop_tokens=[2], pad_id=0)
+    eager = generate(model, prompts, images, **kwargs)
+    compile_decoding(model)
+    assert decoding_is_compiled(model)
+    assert generate(model, prompts, images, **kwargs) == eager  # 3 rows: run as 4
+    assert generate(model, prompts[1:2], None, **kwargs) == [eager[1]]
+
+
+def test_second_turn_on_the_first_turns_caches_equals_recomputing(model):
+    """generate_two_turns: the second prompt shares a prefix with what the caches hold; where it
+    departs from the generated tokens (a re-encoded description), the cached ones are masked and
+    the rest runs; every answer equals generate() on the whole second prompt from scratch."""
+    from medcap.continuation import generate_two_turns
+
+    prompts = _prompts()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(stop_tokens=[2], pad_id=0)
+    seconds = []
+
+    def follow_up(first):
+        seconds[:] = [
+            [*prompts[0], *first[0], 7, 8, 9],  # the first answer kept as generated
+            [*prompts[1], *first[1][:2], 11, *first[1][3:], 7, 8],  # departs at its third token
+            None,  # no second turn for this row
+        ]
+        return seconds
+
+    first, second = generate_two_turns(model, prompts, images, follow_up, max_new_tokens=(6, 7), **kwargs)
+    assert first == generate(model, prompts, images, max_new_tokens=6, **kwargs)
+    assert second[2] is None
+    assert second[0] == generate(model, [seconds[0]], images[:1], max_new_tokens=7, **kwargs)[0]
+    assert second[1] == generate(model, [seconds[1]], None, max_new_tokens=7, **kwargs)[0]
+    assert model.decoder.layers[0].attn.kv_cache is None  # caches are torn down afterwards

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torchtune.data import Message
 
+from medcap.continuation import generate_two_turns
 from medcap.data.dataset import tokenize_chat
 from medcap.data.images import load_image
 from medcap.evaluation.tasks import EvalItem, user_message
@@ -43,12 +44,14 @@ class Answerer:
         batch_size: int = 8,
         dtype: torch.dtype = torch.float32,  # the LLM's: forwards run under autocast to it
         rng: torch.Generator | None = None,
+        reuse_first_turn: bool = True,
     ):
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.batch_size, self.dtype, self.rng = batch_size, dtype, rng
         self.device = model.tok_embeddings.weight.device
         self.transform = model.visual.preprocess.transform()
         self.skipped = 0  # prompts longer than max_prompt_len since the last reset
+        self.reuse_first_turn = reuse_first_turn
 
     def prompt(self, messages: list[Message]) -> list[int]:
         tokens, _ = tokenize_chat(
@@ -62,43 +65,64 @@ class Answerer:
     def fits(self, tokens: list[int]) -> bool:
         return self.decoding.max_prompt_len is None or len(tokens) <= int(self.decoding.max_prompt_len)
 
+    def images(self, items: list[EvalItem]) -> torch.Tensor | None:
+        """The items' images through the eval transform; an error names the file and the record."""
+        pixels = [self.transform(load_image(it.image, record=it.record)) for it in items if it.image is not None]
+        return torch.stack(pixels).to(self.device) if pixels else None
+
     def generate(self, batch: list[tuple[list[int], EvalItem]], max_new_tokens: int) -> list[str]:
-        """Answers to (prompt, item) pairs; an image error names the file and the item's record."""
-        prompts = [p for p, _ in batch]
-        pixels = [self.transform(load_image(it.image, record=it.record)) for _, it in batch if it.image is not None]
-        images = torch.stack(pixels).to(self.device) if pixels else None
+        """Answers to (prompt, item) pairs."""
         with autocast(self.device, self.dtype):
-            ids = generate(self.model, prompts, images, max_new_tokens=max_new_tokens,
-                           stop_tokens=self.tokenizer.stop_tokens, pad_id=self.tokenizer.pad_id,
-                           temperature=self.decoding.temperature, top_k=self.decoding.top_k, rng=self.rng)  # fmt: skip
+            ids = generate(self.model, [p for p, _ in batch], self.images([it for _, it in batch]),
+                           max_new_tokens=max_new_tokens, stop_tokens=self.tokenizer.stop_tokens,
+                           pad_id=self.tokenizer.pad_id, temperature=self.decoding.temperature,
+                           top_k=self.decoding.top_k, rng=self.rng)  # fmt: skip
         return [self.tokenizer.decode(x).strip() for x in ids]
 
     def answer(self, items: list[EvalItem], two_turn: bool) -> Iterator[tuple[EvalItem, str, str]]:
         """(item, description or "", answer) per item whose prompt fits."""
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            descriptions = [""] * len(chunk)
             if two_turn:
-                first = [[user_message(it.image, DESCRIBE)] for it in chunk]
-                descriptions = self.generate(
-                    [(self.prompt(m), it) for m, it in zip(first, chunk)],
-                    max(1, self.decoding.max_new_tokens // 2),
-                )
-                messages = [
-                    [
-                        m[0],
-                        Message(role="assistant", content=d),
-                        Message(role="user", content=it.instruction, masked=True),
-                    ]
-                    for m, d, it in zip(first, descriptions, chunk)
-                ]
+                descriptions, answers = self.two_turns(chunk)
             else:
-                messages = [it.messages for it in chunk]
-            prompts = [self.prompt(m) for m in messages]
-            keep = [k for k, p in enumerate(prompts) if self.fits(p)]
-            self.skipped += len(chunk) - len(keep)
-            # the original gave each of its two turns half of max_new_tokens
-            budget = max(1, self.decoding.max_new_tokens // 2) if two_turn else self.decoding.max_new_tokens
-            answers = self.generate([(prompts[k], chunk[k]) for k in keep], budget) if keep else []
-            for k, ans in zip(keep, answers):
-                yield chunk[k], descriptions[k], ans
+                descriptions = [""] * len(chunk)
+                prompts = [self.prompt(it.messages) for it in chunk]
+                keep = [k for k, p in enumerate(prompts) if self.fits(p)]
+                replies = self.generate([(prompts[k], chunk[k]) for k in keep], self.decoding.max_new_tokens) if keep else []
+                answers = dict(zip(keep, replies))
+            self.skipped += len(chunk) - len(answers)
+            for k in sorted(answers):
+                yield chunk[k], descriptions[k], answers[k]
+
+    def second_prompts(self, chunk: list[EvalItem], descriptions: list[str]) -> list[list[int]]:
+        return [
+            self.prompt([user_message(it.image, DESCRIBE), Message(role="assistant", content=d),
+                         Message(role="user", content=it.instruction, masked=True)])
+            for it, d in zip(chunk, descriptions)
+        ]  # fmt: skip
+
+    def two_turns(self, chunk: list[EvalItem]) -> tuple[list[str], dict[int, str]]:
+        """The original's protocol: describe the image, then answer the question in a second turn;
+        each turn gets half of ``max_new_tokens``, as the original's did. The second turn runs on
+        the first turn's KV caches (``reuse_first_turn``, by default) or from scratch."""
+        half = max(1, self.decoding.max_new_tokens // 2)
+        firsts = [self.prompt([user_message(it.image, DESCRIBE)]) for it in chunk]
+        if not self.reuse_first_turn:
+            descriptions = self.generate(list(zip(firsts, chunk)), half)
+            seconds = self.second_prompts(chunk, descriptions)
+            keep = [k for k, p in enumerate(seconds) if self.fits(p)]
+            replies = self.generate([(seconds[k], chunk[k]) for k in keep], half) if keep else []
+            return descriptions, dict(zip(keep, replies))
+        descriptions = [""] * len(chunk)
+
+        def follow_up(described: list[list[int]]) -> list[list[int] | None]:
+            descriptions[:] = [self.tokenizer.decode(x).strip() for x in described]
+            return [p if self.fits(p) else None for p in self.second_prompts(chunk, descriptions)]
+
+        with autocast(self.device, self.dtype):
+            _, seconds = generate_two_turns(self.model, firsts, self.images(chunk), follow_up, max_new_tokens=(half, half),
+                                            stop_tokens=self.tokenizer.stop_tokens, pad_id=self.tokenizer.pad_id,
+                                            temperature=self.decoding.temperature, top_k=self.decoding.top_k,
+                                            rng=self.rng)  # fmt: skip
+        return descriptions, {k: self.tokenizer.decode(x).strip() for k, x in enumerate(seconds) if x is not None}

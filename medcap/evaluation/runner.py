@@ -25,6 +25,7 @@ from medcap.evaluation.answering import DESCRIBE, VQA_MODES, Answerer, Decoding
 from medcap.evaluation.judge import ModelBackend, run_judge
 from medcap.evaluation.outputs import CSV_COLUMNS, EXTRA_COLUMNS, EvalOutputs
 from medcap.evaluation.tasks import CaptionTask, EvalItem, Task, VQATask, tasks_from_config, user_message
+from medcap.generation import compile_decoding
 from medcap.io import ResumableCSV, atomic_write_json
 from medcap.models import assembly
 from medcap.models.checkpoints import load_vision_checkpoint
@@ -80,10 +81,12 @@ class Evaluator:
             # the vision side stays fp32 and runs under autocast, as in training
             model = assembly.build_model(self.cfg, self.tokenizer, self.dtype, vision_checkpoint=ckpt)
             model.to(self.device).eval()
+            if self.cfg.get("compile"):  # a one-off compile per batch size, then faster steps
+                compile_decoding(model)
             tqdm.write(f"vision encoder weights: {model.visual.weights}")
             self.answerer = Answerer(
                 model, self.tokenizer, self.decoding, batch_size=int(self.cfg.get("batch_size", 8)),
-                dtype=self.dtype, rng=self.rng,
+                dtype=self.dtype, rng=self.rng, reuse_first_turn=bool(self.cfg.get("two_turn_cache", True)),
             )  # fmt: skip
         elif ckpt is not None:
             load_vision_checkpoint(self.answerer.model, ckpt)

@@ -58,6 +58,8 @@ def load(cfg: DictConfig) -> Served:
     # as in evaluation: the LLM in ``dtype``, the vision side fp32 under autocast (the worker's)
     model = assembly.build_model(cfg, tokenizer, dtype, vision_checkpoint=ckpt)
     model.to(device).eval()
+    if cfg.get("compile"):  # continuous batches change size every few steps: each size would recompile
+        log.warning("compile=True is the generate recipe's; medcap serve decodes eagerly")
     llm = Path(str(cfg.checkpointer.get("checkpoint_dir", "llm"))).name
     name = settings.model_name or f"medcap-{llm}" + (f"-{ckpt.stem}" if ckpt else "")
     preprocess = model.visual.preprocess
