@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torchtune import training
-from torchtune.utils import get_device
+from torchtune.utils import get_device, get_world_size_and_rank
 
 
 def launched_by_torchrun() -> bool:
@@ -31,7 +31,7 @@ def setup_device(device: str | None, distributed: bool = False, timeout: timedel
 
 
 def world_size_and_rank() -> tuple[int, int]:
-    return training.get_world_size_and_rank()
+    return get_world_size_and_rank()
 
 
 def end_distributed() -> None:
