@@ -302,3 +302,13 @@ def test_judge_reads_hf_folders_like_meta_ones(tmp_path, scaled_rope):
         meta = load_meta_llama(write_meta_checkpoint(hf, spec, tmp_path / "meta"), max_seq_len=256).eval()
         with torch.no_grad():
             assert torch.equal(meta(tokens), decoder(tokens))
+
+
+def test_judge_in_bf16_on_cpu(tmp_path, llama3_tokenizer_path):
+    """--dtype bf16: the judge's weights in bf16 on a CPU too (the GPU's precision)."""
+    spec = TinyLlama(vocab_size=128256, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
+    ckpt = write_meta_checkpoint(make_hf_llama(spec, seed=0), spec, tmp_path / "llama")
+    backend = judge.TorchtuneBackend(str(ckpt), str(llama3_tokenizer_path), device="cpu", dtype="bf16")
+    assert {p.dtype for p in backend.model.parameters()} == {torch.bfloat16}
+    replies = backend(["Respond with only RIGHT or WRONG.", "Is this right?"])
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)

@@ -596,8 +596,13 @@ def test_page_in_headless_chromium(ws, tmp_path, monkeypatch):
         shot = tmp_path / "serve_page_png.png"
         page.screenshot(path=str(shot), full_page=True)
 
-        page.set_input_files("#file", str(ct_small()))  # a DICOM: shown windowed, as the model reads it
-        page.wait_for_selector("#preview:not([hidden])")
+        dicom = ct_small()
+        page.set_input_files("#file", str(dicom))  # a DICOM: shown windowed, as the model reads it
+        # the PNG's preview stays shown until the page has read the new file, so wait for the
+        # caption that names the DICOM rather than for a visible preview
+        page.wait_for_function("name => document.getElementById('preview-caption').textContent.endsWith(name)",
+                               arg=dicom.name)  # fmt: skip
+        assert page.is_visible("#preview")
         assert "128\u00d7128 pixels" in page.inner_text("#preview-caption")
         assert page.locator("#conversation li").count() == 0  # a new image starts a new conversation
         ask("Which organ is shown?", 1)
@@ -607,3 +612,16 @@ def test_page_in_headless_chromium(ws, tmp_path, monkeypatch):
         browser.close()
     assert shot.stat().st_size > 10_000 and dicom_shot.stat().st_size > 10_000
     print(f"screenshots: {shot} {dicom_shot}")
+
+
+def test_serving_in_bf16_on_cpu(ws):
+    """dtype=bf16 serves as evaluation runs: the LLM in bf16, the vision side fp32 under the
+    worker thread's autocast; an image question is answered."""
+    with BackgroundServer(load(serve_cfg(ws, "dtype=bf16", "log_level=error"))) as s:
+        model = s.served.engine.model
+        reply = client(s).chat.completions.create(
+            model="medcap-llm-meta_model_0", messages=image_question(ws["images"] / "scan0.png", "What is this?"),
+            max_tokens=4)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    assert {p.dtype for p in model.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.visual.parameters()} == {torch.float32}
