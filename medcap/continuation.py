@@ -82,30 +82,23 @@ def generate_two_turns(
         seconds = follow_up(first)
         device = out1.device
         used = padded.prompt_len + fed
-        # what each row's cache slots hold, and which of them the second turn may see
+        # which cache slots each row's second turn may see: the part of its second prompt that
+        # matches what its slots hold (its prompt, then what it generated up to its stop token,
+        # in consecutive slots from its first one)
         valid = padded.masks.new_zeros(rows, used)
-        held: list[list[int]] = []
-        slots: list[list[int]] = []
         stops = set(stop_tokens)
-        for r in range(rows):
-            if r >= n:
-                held.append([])
-                slots.append([])
-                continue
-            start = padded.prompt_len - len(prompts[r])
-            generated = out1[r, :fed].tolist()
-            stop_at = next((k for k, t in enumerate(generated) if t in stops), None)
-            generated = generated if stop_at is None else generated[: stop_at + 1]
-            held.append([*prompts[r], *generated])
-            slots.append([*range(start, padded.prompt_len), *range(padded.prompt_len, padded.prompt_len + len(generated))])
         rest: list[list[int]] = []
         for r in range(rows):
             second = seconds[r] if r < n else None
             if not second:
                 rest.append([])
                 continue
-            keep = min(_common_prefix(held[r], second), len(second) - 1)  # at least one token to run
-            valid[r, slots[r][:keep]] = True
+            generated = out1[r, :fed].tolist()
+            stop_at = next((k for k, t in enumerate(generated) if t in stops), None)
+            held = [*prompts[r], *(generated if stop_at is None else generated[: stop_at + 1])]
+            keep = min(_common_prefix(held, second), len(second) - 1)  # at least one token to run
+            first_slot = padded.prompt_len - len(prompts[r])
+            valid[r, first_slot : first_slot + keep] = True
             rest.append(list(second[keep:]))
         width = max(1, max(len(x) for x in rest))
         block = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
