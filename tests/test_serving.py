@@ -29,6 +29,7 @@ from torchtune.data import Message
 
 from medcap.data.dataset import tokenize_chat
 from medcap.data.images import load_image
+from medcap.errors import ConfigError
 from medcap.evaluation.tasks import user_message
 from medcap.generation import generate
 from medcap.models import assembly
@@ -484,6 +485,11 @@ def test_exposure_and_settings_checks(ws):
         load(serve_cfg(ws, "max_quue=3"))
     with pytest.raises(ValueError, match="max_queue"):
         ServeSettings.from_config(OmegaConf.create({"max_queue": 0}), environ={})
+    # text where a number belongs (as the command line passes it) is a config error naming the key,
+    # which the CLI prints as one line
+    for key in ("batch_wait_ms", "request_timeout_s", "max_image_pixels"):
+        with pytest.raises(ConfigError, match=f"{key}='?abc'?: expected"):
+            ServeSettings.from_config(OmegaConf.create({key: "abc"}), environ={})
     assert ServeSettings.from_config(OmegaConf.create({"batch_size": 16}), environ={}).max_batch_size == 16
 
 

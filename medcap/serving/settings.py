@@ -11,8 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from medcap.data.images import MAX_PIXELS
+from medcap.errors import ConfigError
 
 API_KEY_ENV = "MEDCAP_API_KEY"
+
+
+def _number_at_least(value: Any, low: float) -> bool:
+    """A number (or numeric text from the command line) >= ``low``."""
+    try:
+        return float(value) >= low
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -68,14 +77,14 @@ class ServeSettings:
             if not isinstance(value, int) or value < (0 if name == "port" else 1):
                 problems.append(f"{name}={value!r}: expected a positive integer")
         for name, low in (("batch_wait_ms", 0), ("request_timeout_s", 1e-3), ("max_body_mb", 1e-3), ("max_new_tokens", 1)):
-            if float(getattr(self, name)) < low:
+            if not _number_at_least(getattr(self, name), low):
                 problems.append(f"{name}={getattr(self, name)!r}: expected a number >= {low}")
-        if not 0 < int(self.max_image_pixels) <= MAX_PIXELS:
+        if not (_number_at_least(self.max_image_pixels, 1) and float(self.max_image_pixels) <= MAX_PIXELS):
             problems.append(f"max_image_pixels={self.max_image_pixels}: expected 1..{MAX_PIXELS} (the data path's limit)")
         if self.image_root is not None and not Path(self.image_root).is_dir():
             problems.append(f"image_root={self.image_root}: folder not found")
         if problems:
-            raise ValueError("serve settings: " + "; ".join(problems))
+            raise ConfigError("serve settings: " + "; ".join(problems))
 
     @property
     def loopback(self) -> bool:
