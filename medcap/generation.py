@@ -279,6 +279,7 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int | None, rng: torch
     if temperature <= 0:
         return logits.argmax(dim=-1)
     q = torch.empty(logits.shape, device=logits.device).exponential_(1, generator=rng)
+    top_k = None if top_k is None else min(int(top_k), logits.shape[-1])  # beyond the vocabulary: all of it
     return sample(logits.float(), temperature=temperature, top_k=top_k, q=q).squeeze(-1).long()
 
 

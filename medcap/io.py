@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
+import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 from medcap.errors import ConfigError, OutputWriteError
 
+log = logging.getLogger("medcap")
+
+TEMP_MARK = ".tmp-"  # atomic_write's temporaries: .NAME.tmp-PID beside NAME
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_CSV_SPECIAL = re.compile(rb'["\r\n]')
 # torch.save reports a failed write as a RuntimeError from its zip writer
 _TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed")
 
@@ -34,7 +41,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str 
     limit) removes the temporary file and raises ``OutputWriteError`` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     existed = path.exists()
     try:
         with open(tmp, "wb") as f:
@@ -55,7 +62,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str 
 
 def ensure_writable(folders: Iterable[tuple[str, str | Path | None]]) -> None:
     """Create each (config key, folder) and prove it writable before any model is loaded, so a
-    wrong path fails in a second, not after the first epoch."""
+    wrong path fails in a second, not after the first epoch; temporaries a killed run left
+    there are removed."""
     for key, folder in folders:
         if folder is None or str(folder) in ("", "None", "null"):
             continue
@@ -67,6 +75,32 @@ def ensure_writable(folders: Iterable[tuple[str, str | Path | None]]) -> None:
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"{key}={folder}: cannot create or write this folder ({e})") from None
+        remove_stale_temporaries(folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove ``atomic_write``'s temporaries (``.NAME.tmp-PID``) whose process is gone: what a
+    run killed mid-write (SIGKILL, out of memory) leaves beside its checkpoints. A live
+    process's temporary (another rank's, a run beside this one) is left alone."""
+    removed = []
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match and path.is_file() and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) a killed run left in %s", len(removed), folder)
+    return removed
 
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Path:
@@ -81,34 +115,30 @@ def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _rows_with_ends(text: str) -> Iterator[tuple[list[str], int]]:
-    """Each CSV record of ``text`` and the character offset just after it."""
-    lines = text.splitlines(keepends=True)
-    consumed = [0]
-
-    def feed() -> Iterator[str]:
-        for line in lines:
-            consumed[0] += len(line)
-            yield line
-
-    try:
-        for record in csv.reader(feed()):
-            yield record, consumed[0]
-    except csv.Error:  # a quoted field cut off at the end of the file
-        return
-
-
 def complete_length(path: Path) -> tuple[int, int]:
-    """(bytes of the file up to its last complete row, rows after the header there). A row is
-    complete when its line ending is on disk: one cut by a failed write is not."""
+    """(bytes of the file up to the end of its last complete record, records after the header
+    there). A record is complete when its line ending is on disk outside any quoted field: a
+    record cut by a failed write is not, even where the cut falls just after a line break
+    inside a quoted answer, and neither is one cut between the ``\r`` and ``\n`` of ``\r\n``.
+
+    Scanned as bytes with the ``csv`` module's dialect (``"`` quotes, ``""`` escapes a quote):
+    the three bytes that matter never occur inside a UTF-8 multi-byte character, and a quote
+    count's parity tells whether a byte is inside a quoted field."""
     data = path.read_bytes()
-    text = data.decode("utf-8", errors="replace")
-    end, count = 0, -1
-    for _, offset in _rows_with_ends(text):
-        if text[offset - 1 : offset] not in ("\n", "\r"):
-            break
-        end, count = offset, count + 1
-    return len(text[:end].encode("utf-8", errors="replace")), max(count, 0)
+    end, records, quoted = 0, 0, False
+    for match in _CSV_SPECIAL.finditer(data):
+        byte, i = match.group(), match.start()
+        if byte == b'"':
+            quoted = not quoted
+        elif not quoted and not (byte == b"\n" and data[i - 1 : i] == b"\r"):  # \r\n: done at \r
+            stop = i + 1
+            if byte == b"\r":
+                if stop == len(data):
+                    break  # a \r the write cut from its \n
+                stop += data[stop : stop + 1] == b"\n"
+            records += bool(data[end:i].strip(b"\xef\xbb\xbf"))  # blank lines are not records
+            end = stop
+    return end, max(records - 1, 0)
 
 
 def read_complete_rows(path: str | Path) -> list[dict[str, str]]:
@@ -116,7 +146,8 @@ def read_complete_rows(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     length, _ = complete_length(path)
     text = path.read_bytes()[:length].decode("utf-8-sig")
-    return list(csv.DictReader(text.splitlines(keepends=True)))
+    # not str.splitlines: it also breaks at characters (U+2028, form feed) that csv leaves unquoted
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 class ResumableCSV:

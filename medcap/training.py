@@ -24,19 +24,23 @@ RECIPE_STATE = "recipe_state.pt"
 BNB_PREFIX = "bitsandbytes."
 
 
-def build_dataset(cfg_dataset: DictConfig, tokenizer: Any, model: MedcapModel, augment: Any = None):
+def build_dataset(cfg_dataset: DictConfig, tokenizer: Any, model: MedcapModel, augment: Any = None, seed: int = 0):
     """Instantiate ``cfg.dataset``, mapping the original's torchtune ``chat_dataset`` to medcap's;
-    ``augment`` (the config's ``image_augment``) turns on open_clip's training augmentation."""
+    ``augment`` (the config's ``image_augment``) turns on open_clip's training augmentation,
+    drawn per sample from ``seed`` (see ``ImageChatDataset``)."""
     if augment is not None and not isinstance(augment, dict):
         augment = OmegaConf.to_container(augment, resolve=True)
     cfg_dataset = cfg_dataset.copy()
     cfg_dataset._component_ = resolve_dataset_component(cfg_dataset._component_)
-    return config.instantiate(
+    dataset = config.instantiate(
         cfg_dataset,
         tokenizer,
         num_image_tokens=model.num_image_tokens,
         image_transform=model.visual.preprocess.transform(augment),
     )
+    if augment and hasattr(dataset, "augment_seed"):
+        dataset.augment_seed = seed
+    return dataset
 
 
 def build_optimizer(
@@ -59,6 +63,20 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rank_rng_state(states: dict[str, Any] | list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's generator state from a recipe state: one per rank since ranks draw apart
+    (each is seeded seed + rank); a recipe state from before that holds one for all."""
+    if isinstance(states, dict):
+        return states
+    if len(states) != world_size:
+        log.warning(
+            "resuming %d process(es) from a run of %d: rank %d takes rank %d's random state; random "
+            "draws after the resume differ from an uninterrupted run", world_size, len(states), rank,
+            rank % len(states),
+        )  # fmt: skip
+    return states[rank % len(states)]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ from medcap.training import (
     config_as_dict,
     load_recipe_state,
     plot_loss_curve,
+    rank_rng_state,
     rng_state,
     set_rng_state,
     steps_per_epoch,
@@ -129,7 +130,7 @@ class VisionFinetuneRecipe:
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg.optimizer, params, self.device, self.distributed)
-        self.dataset = build_dataset(cfg.dataset, self.tokenizer, self.model, cfg.get("image_augment"))
+        self.dataset = build_dataset(cfg.dataset, self.tokenizer, self.model, cfg.get("image_augment"), self.seed)
         self.loader, self.sampler = build_dataloader(
             self.dataset,
             batch_size=cfg.batch_size,
@@ -152,7 +153,7 @@ class VisionFinetuneRecipe:
             self._load_optimizer(state)
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(state["lr_scheduler"])
-            set_rng_state(state["rng"])
+            set_rng_state(rank_rng_state(state["rng"], self.rank, self.world_size))
             self._print(f"resumed at epoch {self.epoch}, step {self.global_step}")
         self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
         if self.metric_logger is not None:
@@ -328,6 +329,10 @@ class VisionFinetuneRecipe:
     def save_recipe_state(self, states: tuple[dict, dict] | None = None, epoch: int | None = None) -> None:
         states = states or self._trainable_states()
         optimizer = self._optimizer_state()
+        rngs = [rng_state()]
+        if self.distributed:  # each rank draws from its own generator (seeded seed + rank)
+            rngs = [None] * self.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
         if not self.is_rank_zero:
             return
         state = {
@@ -338,7 +343,7 @@ class VisionFinetuneRecipe:
             "step": self.global_step,
             "batches_done": 0 if epoch is not None else self.batches_done,
             "seed": self.seed,
-            "rng": rng_state(),
+            "rng": rngs,
             "history": [list(x) for x in self.history],
         }
         atomic_save(state, self.output_dir / RECIPE_STATE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import draw_jpeg
 from torchtune.data import Message
 
@@ -186,6 +187,36 @@ def test_loader_workers_and_seeded_shuffling(llama3_tok, data_dir, transform):
     assert order(0, 1, 0) != order(0, 1, 1)
     assert order(0, 1, 1) == order(0, 1, 1)
     assert sorted(order(0, 2, 0)) == list(range(10))
+
+
+def test_augmentation_is_drawn_per_sample_and_epoch_whatever_the_order(llama3_tok, data_dir):
+    """A sample's augmentation depends on (seed, epoch, index) only: not on the order, the
+    workers or anything drawn before it, and fetching it leaves the global generators alone;
+    so a run resumed mid-epoch augments as an uninterrupted one."""
+    import random
+
+    path = write_json(data_dir / "aug.json", [qa(f"question {i}", f"answer {i}", image="img.jpg") for i in range(6)])
+    preprocess = build_vision_encoder("vit_tiny").preprocess
+    ds = ImageChatDataset(llama3_tok, path, num_image_tokens=N, augment_seed=7,
+                          image_transform=preprocess.transform({"scale": (0.3, 1.0)}))  # fmt: skip
+
+    def pixels(num_workers: int, epoch: int, start: int = 0) -> dict[int, torch.Tensor]:
+        loader, sampler = build_dataloader(ds, batch_size=2, pad_id=PAD, seed=3, num_workers=num_workers)
+        sampler.set_epoch(epoch)
+        sampler.start_index = start
+        return {i: img for b in loader for i, img in zip(b["indices"], b["images"])}
+
+    torch.manual_seed(0)
+    random.seed(0)
+    before = torch.get_rng_state(), random.getstate()
+    first = pixels(0, epoch=0)
+    assert torch.get_rng_state().equal(before[0]) and random.getstate() == before[1]
+    torch.manual_seed(123)  # whatever else drew before does not matter
+    assert all(first[i].equal(x) for i, x in pixels(0, epoch=0, start=4).items())
+    assert all(first[i].equal(x) for i, x in pixels(2, epoch=0).items())
+    assert not all(first[i].equal(x) for i, x in pixels(0, epoch=1).items())
+    assert len({tuple(x.flatten()[:32].tolist()) for x in first.values()}) == 6  # one draw per sample
+    assert ds[3]["images"].equal(ds[(3, 0)]["images"])
 
 
 def test_chatml_template_and_injection(chatml_tokenizer_json):

@@ -95,12 +95,20 @@ def test_a_checkpoint_save_that_fails_keeps_the_previous_state(workspace, tmp_pa
     assert first.returncode == 0, first.stderr[-3000:]
     state = out / "checkpoint" / "recipe_state.pt"
     before = state.read_bytes()
+    # what a SIGKILL mid-save leaves: a zero-byte temporary of a process that is gone
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / "checkpoint" / f".meta_model_1.pt.tmp-{int(gone.stdout)}"
+    stale.write_bytes(b"")
+    live = out / "checkpoint" / f".meta_model_1.pt.tmp-{os.getpid()}"  # a live process's: left alone
+    live.write_bytes(b"")
     limited = cli(*train_args(workspace, out, "epochs=2", "resume_from_checkpoint=True"), file_limit=20_000)
     line = one_line_error(limited)
     target = out / "checkpoint" / "meta_model_1.pt"
     assert line.startswith(f"error: cannot write {target}: ") and "(disk full?)" in line
     assert "nothing was written there" in line
     assert state.read_bytes() == before and not target.exists()
+    assert not stale.exists()
+    live.unlink()
     assert not [p.name for p in (out / "checkpoint").iterdir() if ".tmp-" in p.name]  # no half files
 
 
@@ -173,7 +181,8 @@ def test_a_pickled_llm_file_is_refused_by_name(ws, tmp_path):  # noqa: F811
     proc = cli("run", "generate", "--config", "custom_generation_config", "test_slake=True",
                f"dataset_source={ws['slake']}", f"checkpointer.checkpoint_dir={llm}", *overrides)  # fmt: skip
     line = one_line_error(proc)
-    assert f"LLM checkpoint in {llm}: refused" in line and "pathlib.PosixPath" in line
+    # the file, not the folder: with several shards the user must know which one holds the pickle
+    assert f"LLM checkpoint file {llm / 'consolidated.00.pth'}: refused" in line and "pathlib.PosixPath" in line
 
 
 def test_tensorboard_logger_writes_the_loss_curve(workspace, tmp_path):  # noqa: F811

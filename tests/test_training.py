@@ -129,13 +129,34 @@ def test_overfit_loss_falls_llm_unchanged_checkpoint_loads(workspace, tmp_path):
     assert not torch.equal(first["projector"]["0.weight"], ckpt["projector"]["0.weight"])
 
 
-def test_resume_gives_the_same_losses(workspace, tmp_path):
+def assert_same_run(a: Path, b: Path, last_epoch: int) -> None:
+    """Bitwise: the last checkpoint, the optimizer state and the random state it ends with."""
+    ca = torch.load(a / "checkpoint" / f"meta_model_{last_epoch}.pt", weights_only=True)
+    cb = torch.load(b / "checkpoint" / f"meta_model_{last_epoch}.pt", weights_only=True)
+    for part in ("visual", "projector"):
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
+    sa = torch.load(a / "checkpoint" / "recipe_state.pt", weights_only=True)
+    sb = torch.load(b / "checkpoint" / "recipe_state.pt", weights_only=True)
+    flat_a, flat_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert all(torch.equal(flat_a[i][k], flat_b[i][k]) for i in flat_a for k in flat_a[i])
+    assert len(sa["rng"]) == len(sb["rng"])
+    assert all(x["torch"].equal(y["torch"]) for x, y in zip(sa["rng"], sb["rng"]))
+
+
+RANDOM_DATA = ("shuffle=True", "image_augment.scale=[0.4,1.0]", "image_augment.color_jitter=[0.3,0.3,0.0,0.0]",
+               "image_augment.color_jitter_prob=0.5")  # fmt: skip
+
+
+def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(workspace, tmp_path):
+    """Shuffling and image augmentation on: a run stopped mid-epoch and resumed ends with the
+    same weights, optimizer state and random state as one that never stopped."""
     common = (
         "epochs=3",
         "optimizer.lr=1e-3",
         "lr_scheduler.num_warmup_steps=1",
         "batch_size=2",
         "gradient_accumulation_steps=2",
+        *RANDOM_DATA,
     )
     medcap(*train_args(workspace, tmp_path / "full", *common))
     full = read_losses(tmp_path / "full" / "log")
@@ -149,10 +170,8 @@ def test_resume_gives_the_same_losses(workspace, tmp_path):
     )
     resumed = read_losses(part / "log2")
     assert len(full) == 6 and len(resumed) == 3
-    assert resumed == pytest.approx(full[3:], rel=1e-5, abs=1e-6)
-    a = torch.load(tmp_path / "full" / "checkpoint" / "meta_model_2.pt", weights_only=True)["visual"]
-    b = torch.load(part / "checkpoint" / "meta_model_2.pt", weights_only=True)["visual"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert resumed == full[3:]
+    assert_same_run(tmp_path / "full", part, last_epoch=2)
 
 
 def test_tune_run_with_recipe_and_config_paths(workspace, tmp_path):
@@ -275,6 +294,26 @@ def test_fsdp2_two_processes_train_and_checkpoint_loads_single_process(workspace
     decoder = load_tiny_decoder(SPEC, workspace["llm"], "meta", tmp_path / "x")
     model = build_medcap_model(decoder, image_token_id=400, vision="vit_tiny", vision_checkpoint=ckpt_path)
     assert torch.equal(model.visual.tower.state_dict()["conv1.weight"], ckpt["visual"]["conv1.weight"])
+
+
+def test_fsdp2_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(workspace, tmp_path):
+    """The same under FSDP2 with 2 processes: each rank keeps its own random state."""
+    common = ("epochs=2", "optimizer.lr=1e-2", "batch_size=1", "lr_scheduler.num_warmup_steps=1", *RANDOM_DATA)
+
+    def dist_args(out: Path, *extra: str) -> list[str]:
+        args = train_args(workspace, out, *common, *extra)
+        args[1:2] = ["--nproc_per_node", "2", "full_finetune_distributed"]
+        args[5] = "llama3/8B_full"
+        return args
+
+    medcap(*dist_args(tmp_path / "full"))
+    part = tmp_path / "part"
+    medcap(*dist_args(part, "stop_after_steps=2"))  # 4 steps an epoch: stops mid-epoch 0
+    medcap(*dist_args(part, "resume_from_checkpoint=True", f"metric_logger.log_dir={part}/log2"))
+    assert read_losses(part / "log") + read_losses(part / "log2") == read_losses(tmp_path / "full" / "log")
+    assert_same_run(tmp_path / "full", part, last_epoch=1)
+    state = torch.load(part / "checkpoint" / "recipe_state.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and not state["rng"][0]["torch"].equal(state["rng"][1]["torch"])
 
 
 def test_optimizer_choices():

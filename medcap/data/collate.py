@@ -47,7 +47,8 @@ class ImageChatCollate:
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start an epoch part-way (``start_index``, reset after one
-    pass), so a resumed run sees exactly the batches an uninterrupted one would."""
+    pass), so a resumed run sees exactly the batches an uninterrupted one would. It yields
+    (index, epoch) keys: the dataset seeds each sample's augmentation from them."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -56,7 +57,7 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self):
         indices = list(super().__iter__())
         start, self.start_index = self.start_index, 0
-        return iter(indices[start:])
+        return iter([(index, self.epoch) for index in indices[start:]])
 
 
 def build_dataloader(
@@ -73,7 +74,9 @@ def build_dataloader(
     pin_memory: bool | None = None,
 ) -> tuple[DataLoader, ResumableSampler]:
     """The sampler's order depends on ``seed`` and the epoch (``sampler.set_epoch``) only, so a
-    resumed run and every rank see the same sequence."""
+    resumed run and every rank see the same sequence. The loader draws its workers' base seed
+    from its own generator, not the global one: starting an epoch (or a resumed one) leaves the
+    global RNG where the last step left it."""
     sampler = ResumableSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
@@ -86,5 +89,6 @@ def build_dataloader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler

@@ -9,12 +9,15 @@ medcap trained on the instruction too); image positions never carry loss.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
@@ -80,9 +83,32 @@ def fit_to_length(
     return tokens, labels
 
 
+@contextlib.contextmanager
+def sample_rng(seed: int) -> Iterator[None]:
+    """Torch's and Python's global generators seeded for one sample, restored afterwards."""
+    python = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+
+
+def sample_seed(base: int, epoch: int, index: int) -> int:
+    """A seed for one sample in one epoch, independent of the order samples are drawn in."""
+    return int(np.random.SeedSequence([base, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class ImageChatDataset(Dataset):
     """Map-style dataset over a chat file; a record that cannot fit ``max_seq_len`` comes out as
-    ``None`` (the collate function drops and counts it) or raises when ``strict``."""
+    ``None`` (the collate function drops and counts it) or raises when ``strict``.
+
+    With ``augment_seed`` set, each sample's random image augmentation is drawn from its own
+    generator seeded by (seed, epoch, index): the key ``(index, epoch)`` that training's sampler
+    yields. So the augmentation of a sample never depends on what was drawn before it (the
+    order, other ranks, DataLoader workers, or a resume in the middle of an epoch)."""
 
     def __init__(
         self,
@@ -96,6 +122,7 @@ class ImageChatDataset(Dataset):
         new_system_prompt: str | None = None,
         image_dir: str | Path | None = None,
         strict: bool = False,
+        augment_seed: int | None = None,
     ):
         # several files (VQA and captions, say) read as one: each record keeps its own file
         sources = [source] if isinstance(source, (str, Path)) else list(source)
@@ -121,6 +148,7 @@ class ImageChatDataset(Dataset):
         self.new_system_prompt = new_system_prompt
         self.image_dir = Path(image_dir) if image_dir else None
         self.strict = strict
+        self.augment_seed = augment_seed
 
     def __len__(self) -> int:
         return len(self.records)
@@ -136,16 +164,20 @@ class ImageChatDataset(Dataset):
             new_system_prompt=self.new_system_prompt,
         )
 
-    def load_pixels(self, chat: ChatRecord) -> torch.Tensor | None:
+    def load_pixels(self, chat: ChatRecord, seed: int | None = None) -> torch.Tensor | None:
         if not chat.images:
             return None
         if self.image_transform is None:
             raise ValueError(
                 f"{chat.source}, record {chat.index}: has an image but no image_transform was given"
             )
-        return torch.stack([self.image_transform(load_image(p, record=chat.index)) for p in chat.images])
+        images = [load_image(p, record=chat.index) for p in chat.images]
+        with sample_rng(seed) if seed is not None else contextlib.nullcontext():
+            return torch.stack([self.image_transform(image) for image in images])
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        """``key``: an index, or (index, epoch) as training's sampler yields."""
+        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         chat = self.chat(index)
         tokens, mask = tokenize_chat(self.tokenizer, chat.messages, self.num_image_tokens)
         labels = [CROSS_ENTROPY_IGNORE_IDX if m else t for t, m in zip(tokens, mask)]
@@ -157,7 +189,8 @@ class ImageChatDataset(Dataset):
                 )
             return None
         tokens, labels = fitted
-        return {"tokens": tokens, "labels": labels, "images": self.load_pixels(chat), "index": index}
+        seed = None if self.augment_seed is None else sample_seed(self.augment_seed, epoch, index)
+        return {"tokens": tokens, "labels": labels, "images": self.load_pixels(chat, seed), "index": index}
 
 
 def chat_dataset(

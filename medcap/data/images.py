@@ -24,6 +24,7 @@ from medcap.errors import MedcapError
 # Decompression-bomb guard (about 13k x 13k; Pillow itself refuses twice its own 89M default).
 # Larger files are refused, not resized.
 MAX_PIXELS = 150_000_000
+MAX_VOXEL_ANISOTROPY = 50  # slice thickness over in-plane spacing; resampling beyond this would be a pixel bomb
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PLANES = ("sagittal", "coronal", "axial")  # volume axes 0, 1, 2 after reorientation to RAS
@@ -110,7 +111,7 @@ def load_raster(path: Path, record: int | str | None = None) -> Image.Image:
                 return img.convert("RGB")
     except ImageLoadError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Exception as e:  # Pillow raises SyntaxError, EOFError, struct.error... for broken files
         raise ImageLoadError(f"{where}: cannot read image ({type(e).__name__}: {e})") from e
 
 
@@ -140,13 +141,23 @@ def load_nifti_slice(
     index = size // 2 if index is None else index
     if not 0 <= index < size:
         raise ImageLoadError(f"{where}: {plane} slice {index} requested but the volume has {size}")
-    slab = np.take(data, index, axis=axis).astype(np.float32)
-    out = Image.fromarray(np.ascontiguousarray(np.rot90(to_uint8(slab))), "L")
-    # square pixels: a 0.5 x 0.5 x 5 mm series is not squashed tenfold in its coronal slices
-    across, down = (float(z) for i, z in enumerate(img.header.get_zooms()[:3]) if i != axis)
+    try:
+        slab = np.take(data, index, axis=axis).astype(np.float32)
+        out = Image.fromarray(np.ascontiguousarray(np.rot90(to_uint8(slab))), "L")
+        # square pixels: a 0.5 x 0.5 x 5 mm series is not squashed tenfold in its coronal slices
+        across, down = (float(z) for i, z in enumerate(img.header.get_zooms()[:3]) if i != axis)
+    except Exception as e:  # voxel types or headers nibabel reads but cannot turn into a slice
+        raise ImageLoadError(f"{where}: cannot read NIfTI slice ({type(e).__name__}: {e})") from e
     if min(across, down) > 0 and not np.isclose(across, down, rtol=0.01):
         finest = min(across, down)
+        if max(across, down) / finest > MAX_VOXEL_ANISOTROPY:
+            raise ImageLoadError(
+                f"{where}: voxel sizes {across:g} x {down:g} in the {plane} plane; more than "
+                f"{MAX_VOXEL_ANISOTROPY}:1 is not a scan"
+            )
         square = (round(out.width * across / finest), round(out.height * down / finest))
+        if square[0] * square[1] > MAX_PIXELS:
+            raise ImageLoadError(f"{where}: the {plane} slice resampled to square pixels exceeds {MAX_PIXELS} pixels")
         out = out.resize(square, Image.Resampling.BICUBIC)
     return out.convert("RGB")
 

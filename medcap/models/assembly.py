@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ def resolve_precision(device: torch.device, dtype_name: str) -> torch.dtype:
 def autocast(device: torch.device, llm_dtype: torch.dtype):
     """Forwards under autocast to the LLM's dtype when it is not fp32 (fp32 weights, bf16 math)."""
     return torch.autocast(device.type, dtype=llm_dtype, enabled=llm_dtype != torch.float32)
+
+
+_UNLOADABLE = re.compile(r"Unable to load checkpoint from (?P<file>.+?)\.\s*$")
 
 
 class LLMCheckpointer:
@@ -102,12 +106,15 @@ def read_llm_state(checkpointer: Any) -> tuple[dict[str, torch.Tensor], str]:
     try:
         state = checkpointer.load_checkpoint()[training.MODEL_KEY]
     except (pickle.UnpicklingError, ValueError) as e:
-        # torchtune's loader wraps torch.load's refusal as "Unable to load checkpoint from ..."
+        # torchtune's loader wraps torch.load's refusal as "Unable to load checkpoint from FILE";
+        # with several shards, the file (not the folder) tells the user which one to replace
         cause = e if isinstance(e, pickle.UnpicklingError) else e.__cause__
+        named = _UNLOADABLE.search(str(e))
+        what = f"LLM checkpoint file {named['file']}" if named else f"LLM checkpoint in {where}"
         if isinstance(cause, pickle.UnpicklingError):
-            raise refuse_unsafe(f"LLM checkpoint in {where}", cause) from e
-        if "Unable to load checkpoint" in str(e):
-            raise CorruptCheckpointError(f"LLM checkpoint in {where}: {str(e).strip()} ({cause})") from e
+            raise refuse_unsafe(what, cause) from e
+        if named:
+            raise CorruptCheckpointError(f"{what}: not a readable checkpoint (truncated or corrupt?) ({cause})") from e
         raise
     return state, f"LLM checkpoint in {where}"
 

@@ -26,12 +26,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from medcap.serving.engine import Engine, Event, Job
 from medcap.serving.errors import APIError
 from medcap.serving.image_urls import decode_image_url, png_preview
 from medcap.serving.metrics import CONTENT_TYPE, Metrics
-from medcap.serving.requests import ChatCompletionRequest, PromptContext, parse_body, prepare
+from medcap.serving.requests import ChatCompletionRequest, PromptContext, load_json, parse_body, prepare
 from medcap.serving.settings import ServeSettings
 
 log = logging.getLogger("medcap.serve")
@@ -163,7 +164,10 @@ def create_app(served: Served) -> FastAPI:
         return _error_response(APIError(400, str(e.errors()[0].get("msg", "invalid request"))))
 
     @app.exception_handler(ClientGone)
-    async def _gone(_: Request, __: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, __: Exception) -> Response:
+        # the client hung up (mid-body, or before its answer): not a server error; counted as
+        # 499, as nginx does, and not logged as one
         return Response(status_code=499)
 
     @app.exception_handler(Exception)
@@ -210,10 +214,7 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/v1/preview", dependencies=keyed)
     async def preview(request: Request) -> Response:
         """The image as the model's data path reads it (DICOM windowed, NIfTI sliced), as PNG."""
-        try:
-            data = json.loads(await json_body(request))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
+        data = load_json(await json_body(request))
         part = data.get("image_url") if isinstance(data, dict) else None
         url = part.get("url") if isinstance(part, dict) else part
         if not isinstance(url, str):

@@ -173,13 +173,23 @@ def resolve_file_url(url: str, image_root: str | None, param: str) -> tuple[Path
                        code="invalid_image")  # fmt: skip
     root = Path(image_root).resolve()
     text = unquote(parts.path)
+    if "\x00" in text:
+        raise APIError(400, "file:// URL holds a NUL character", param=param, code="invalid_image")
     path, select = split_selector(f"{text}#{parts.fragment}" if parts.fragment else text)
     selector = _selector("&".join(f"{k}={v}" for k, v in select.items()), param)
     candidate = path if path.is_absolute() else root / path
-    resolved = candidate.resolve()  # follows symlinks and ..
-    if not resolved.is_relative_to(root):
-        raise APIError(403, "image path is outside image_root", param=param, code="path_outside_image_root")
-    if not resolved.is_file():
+    try:
+        resolved = candidate.resolve()  # follows symlinks and ..
+        if not resolved.is_relative_to(root):
+            raise APIError(403, "image path is outside image_root", param=param, code="path_outside_image_root")
+        found = resolved.is_file()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name too long, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        if isinstance(e, RuntimeError) and "loop" in str(e).lower():
+            reason = "symlink loop"
+        raise APIError(400, f"cannot resolve the image path under image_root ({reason})", param=param,
+                       code="invalid_image") from None  # fmt: skip
+    if not found:
         raise APIError(400, f"image file not found under image_root: {path}", param=param, code="invalid_image")
     return resolved, selector
 

@@ -26,6 +26,7 @@ from medcap.serving.image_urls import decode_image_url
 
 MAX_IMAGES = 8  # per request
 MAX_STOP = 4  # stop strings, as OpenAI
+MAX_INT_DIGITS = 20  # an int64 or uint64 seed has at most 20 digits
 
 
 class TextPart(BaseModel):
@@ -74,7 +75,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)  # medcap's (and vLLM's) extension
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
@@ -131,12 +132,33 @@ def _param(loc: tuple[Any, ...]) -> str:
     return "".join(out)
 
 
+class OutOfRange:
+    """An integer literal too long to be any field's value, left unconverted so that validation
+    names the field it was sent in (``int()`` of thousands of digits is slow, and refused past
+    4300); no field type accepts it."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+
+def _bounded_int(text: str) -> int | OutOfRange:
+    return int(text) if len(text) <= MAX_INT_DIGITS else OutOfRange(text)
+
+
+def load_json(body: bytes) -> Any:
+    """Request JSON, or a 400 for anything that is not (including nesting past the parser's
+    recursion limit)."""
+    try:
+        return json.loads(body, parse_int=_bounded_int)
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON (nested too deeply)", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise APIError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
+
+
 def parse_body(body: bytes) -> ChatCompletionRequest:
     """JSON bytes -> a validated request, or a 400 naming the field."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
+    data = load_json(body)
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     try:
@@ -145,7 +167,9 @@ def parse_body(body: bytes) -> ChatCompletionRequest:
         errors = e.errors()
         first = max(errors, key=lambda err: len(err["loc"]))  # the branch that got furthest
         param = _param(tuple(first["loc"]))
-        if first["type"] in ("list_type", "string_type") and param.endswith("content"):
+        if isinstance(first.get("input"), OutOfRange):
+            first = {**first, "msg": f"an integer of {first['input'].digits} digits is out of range"}
+        elif first["type"] in ("list_type", "string_type") and param.endswith("content"):
             first = {**first, "msg": "expected a string or a list of content parts"}
         elif param in UNSUPPORTED:
             first = {**first, "msg": UNSUPPORTED[param]}
