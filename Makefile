@@ -33,7 +33,7 @@ java:
 		exit 1; \
 	fi
 
-# the page's browser test (tests/test_serving.py) drives Debian's chromium through playwright
+# the page's browser test (tests/serving/test_serving_page.py) drives Debian's chromium through playwright
 chromium:
 	@command -v chromium >/dev/null && exit 0; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

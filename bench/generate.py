@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from medcap.generation import compile_decoding, generate
+    from medcap.decoding import compile_decoding, generate
 
     model = build()
     llm = hf_model(model)
@@ -105,9 +105,9 @@ def main() -> None:
         eager_s.append(seconds)
         theirs, seconds = timed(lambda: hf_generate(llm, model, batch, images, 64))
         hf_s.append(seconds)
-    compile_decoding(model)
-    compiled_out, first = timed(lambda: generate(model, batch, images, **kwargs))  # includes the compile
-    compiled_s = [timed(lambda: generate(model, batch, images, **kwargs))[1] for _ in range(args.repeats)]
+    step = compile_decoding(model)
+    compiled_out, first = timed(lambda: generate(model, batch, images, **kwargs, step=step))  # includes the compile
+    compiled_s = [timed(lambda: generate(model, batch, images, **kwargs, step=step))[1] for _ in range(args.repeats)]
     med = statistics.median
     eager_rate, hf_rate, compiled_rate = tokens / med(eager_s), tokens / med(hf_s), tokens / med(compiled_s)
     compile_s = first - med(compiled_s)

@@ -1,9 +1,11 @@
-"""``medcap run|ls|cp|validate``: torchtune's CLI, resolving medcap's recipe and config names.
+"""``medcap run|ls|cp|validate|serve``: torchtune's CLI, resolving medcap's recipe and config names.
 
-    medcap run full_finetune_single_device --config llama3/8B_full_single_device key=value ...
+    medcap run full_finetune_single_device --config llama3/8B_full_single_device key=value ...   (docs/training.md)
     medcap run --nproc_per_node 8 full_finetune_distributed --config llama3/8B_full ...
-    medcap run recipes/generate.py --config recipes/configs/custom_generation_config.yaml ...
-    medcap serve --config smollm2/135M_demo_generation vision_checkpoint=... port=8000
+    medcap run generate --config custom_generation_config test_slake=True ...                   (docs/evaluation.md)
+    medcap run probe --config probe labels=... vision_checkpoint=...                            (docs/probing.md)
+    medcap serve --config smollm2/135M_demo_generation vision_checkpoint=... port=8000           (docs/serving.md)
+    medcap ls | medcap cp NAME FILE | medcap validate CONFIG [key=value ...]
 
 Recipes and configs are files under the repository's ``recipes/`` folder, resolved by path:
 torchtune installs a top-level ``recipes`` package of its own, so medcap never imports its

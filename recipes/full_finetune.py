@@ -34,7 +34,7 @@ from medcap.io import atomic_write_json, ensure_writable
 from medcap.models.assembly import autocast, build_model, resolve_precision
 from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoint_payload
 from medcap.models.fusion import count_parameters, frozen_fingerprint
-from medcap.recipe_keys import TRAIN, check_keys
+from medcap.settings import TrainSettings
 from medcap.training import (
     RECIPE_STATE,
     build_dataset,
@@ -69,21 +69,17 @@ class _Window:
 
 class VisionFinetuneRecipe:
     def __init__(self, cfg: DictConfig, distributed: bool = False):
-        self.cfg = cfg
+        self.cfg = cfg  # kept whole in every checkpoint and the metric log, for provenance
+        self.settings = s = TrainSettings.from_config(cfg, "full_finetune")
         self.distributed = distributed
-        self.device = setup_device(cfg.device, distributed)
+        self.device = setup_device(s.device, distributed)
         self.world_size, self.rank = world_size_and_rank()
         self.is_rank_zero = self.rank == 0
-        self.llm_dtype = resolve_precision(self.device, cfg.get("dtype", "bf16"))
-        self.seed = training.set_seed(seed=cfg.get("seed"))
-        self.output_dir = Path(cfg.checkpointer.output_dir)
-        self.epochs = int(cfg.epochs)
-        self.accumulation = int(cfg.get("gradient_accumulation_steps", 1))
-        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")
-        self.stop_after_steps = cfg.get("stop_after_steps")
-        self.save_every_n_steps = cfg.get("save_every_n_steps")
-        self.clip_grad_norm = cfg.get("clip_grad_norm")
-        self.log_every = int(cfg.get("log_every_n_steps", 1))
+        self.llm_dtype = resolve_precision(self.device, s.dtype)
+        self.seed = training.set_seed(seed=s.seed)
+        self.output_dir = Path(s.checkpointer.output_dir)
+        self.epochs = s.epochs
+        self.accumulation = s.gradient_accumulation_steps
         self.epoch = 0
         self.global_step = 0
         self.batches_done = 0  # in the current epoch, for mid-epoch resume
@@ -92,12 +88,12 @@ class VisionFinetuneRecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        cfg = self.cfg
-        self.tokenizer = config.instantiate(cfg.tokenizer)
+        s = self.settings
+        self.tokenizer = config.instantiate(s.tokenizer)
         # torchtune seeds each rank with seed + rank; the randomly initialised vision side must be
         # the same on every rank (and as in a one-process run), so it is built under the base seed
         torch.manual_seed(self.seed)
-        model = build_model(cfg, self.tokenizer, self.llm_dtype)
+        model = build_model(s, self.tokenizer, self.llm_dtype)
         training.set_seed(seed=self.seed)
         trainable, frozen = count_parameters(model)
         self._print(
@@ -106,7 +102,7 @@ class VisionFinetuneRecipe:
         )
         self._print(f"vision encoder weights: {model.visual.weights}")
         state = (
-            load_recipe_state(self.output_dir / RECIPE_STATE) if cfg.get("resume_from_checkpoint") else None
+            load_recipe_state(self.output_dir / RECIPE_STATE) if s.resume_from_checkpoint else None
         )
         if state is not None:
             load_checked(model.visual.tower, state["model"]["visual"], "recipe_state ['visual']")
@@ -117,36 +113,36 @@ class VisionFinetuneRecipe:
                 state["batches_done"],
             )
             self.history = [tuple(x) for x in state.get("history", [])]
-        if cfg.get("enable_activation_checkpointing", False):
+        if s.enable_activation_checkpointing:
             training.set_activation_checkpointing(
                 model.decoder, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
             )
-        if cfg.get("compile", False):
+        if s.compile:
             for layer in model.decoder.layers:
                 layer.compile()
         self.model = self._place(model)
         # opt-in (hashing an 8B LLM takes a while): proves at the end that the frozen LLM is untouched
-        self.frozen_before = frozen_fingerprint(self.model) if cfg.get("verify_frozen_llm", False) else None
+        self.frozen_before = frozen_fingerprint(self.model) if s.verify_frozen_llm else None
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg.optimizer, params, self.device, self.distributed)
-        self.dataset = build_dataset(cfg.dataset, self.tokenizer, self.model, cfg.get("image_augment"), self.seed)
+        self.optimizer = build_optimizer(s.optimizer, params, self.device, self.distributed)
+        self.dataset = build_dataset(s.dataset, self.tokenizer, self.model, s.image_augment, self.seed)
         self.loader, self.sampler = build_dataloader(
             self.dataset,
-            batch_size=cfg.batch_size,
+            batch_size=s.batch_size,
             pad_id=self.tokenizer.pad_id,
-            shuffle=cfg.get("shuffle", True),
+            shuffle=s.shuffle,
             seed=self.seed,
-            num_workers=int(cfg.get("num_workers", 0)),
+            num_workers=s.num_workers,
             world_size=self.world_size,
             rank=self.rank,
             pin_memory=self.device.type == "cuda",
         )
-        self.steps_per_epoch = steps_per_epoch(len(self.loader), self.accumulation, self.max_steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch(len(self.loader), self.accumulation, s.max_steps_per_epoch)
         total = self.steps_per_epoch * self.epochs
         self.scheduler = (
-            config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=total)
-            if cfg.get("lr_scheduler")
+            config.instantiate(s.lr_scheduler, self.optimizer, num_training_steps=total)
+            if s.lr_scheduler
             else None
         )
         if state is not None:
@@ -155,9 +151,9 @@ class VisionFinetuneRecipe:
                 self.scheduler.load_state_dict(state["lr_scheduler"])
             set_rng_state(rank_rng_state(state["rng"], self.rank, self.world_size))
             self._print(f"resumed at epoch {self.epoch}, step {self.global_step}")
-        self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
+        self.metric_logger = config.instantiate(s.metric_logger) if self.is_rank_zero else None
         if self.metric_logger is not None:
-            self.metric_logger.log_config(cfg)
+            self.metric_logger.log_config(self.cfg)
 
     def _place(self, model):
         if not self.distributed:
@@ -196,7 +192,7 @@ class VisionFinetuneRecipe:
         for epoch in range(self.epoch, self.epochs):
             self.epoch = epoch
             self.sampler.set_epoch(epoch)
-            self.sampler.start_index = self.batches_done * self.cfg.batch_size
+            self.sampler.start_index = self.batches_done * self.settings.batch_size
             done_in_epoch = self.batches_done // self.accumulation
             bar = tqdm(
                 total=self.steps_per_epoch,
@@ -220,9 +216,10 @@ class VisionFinetuneRecipe:
                 self._complete_step(window, bar)
                 window = _Window()
                 done_in_epoch += 1
-                if self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0:
+                every = self.settings.save_every_n_steps
+                if every and self.global_step % every == 0:
                     self.save_recipe_state()
-                if self.stop_after_steps and self.global_step >= self.stop_after_steps:
+                if self.settings.stop_after_steps and self.global_step >= self.settings.stop_after_steps:
                     bar.close()
                     self.save_recipe_state()
                     self._print(
@@ -262,7 +259,7 @@ class VisionFinetuneRecipe:
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
                         smp_s=f"{metrics['samples_per_second']:.2f}")  # fmt: skip
-        if self.metric_logger is not None and self.global_step % self.log_every == 0:
+        if self.metric_logger is not None and self.global_step % self.settings.log_every_n_steps == 0:
             if self.device.type == "cuda":
                 metrics.update(training.get_memory_stats(self.device, reset_stats=False))
             self.metric_logger.log_dict(metrics, step=self.global_step)
@@ -280,9 +277,9 @@ class VisionFinetuneRecipe:
         # the loss is a sum over label tokens; FSDP2 averages gradients over ranks, hence world_size
         if label_tokens:
             training.scale_grads(self.model, torch.tensor(self.world_size / label_tokens))
-        if self.clip_grad_norm is not None:
+        if self.settings.clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], max_norm=float(self.clip_grad_norm)
+                [p for p in self.model.parameters() if p.requires_grad], max_norm=self.settings.clip_grad_norm
             )
             if hasattr(norm, "full_tensor"):
                 norm.full_tensor()
@@ -355,7 +352,7 @@ class VisionFinetuneRecipe:
         curve = None
         if self.history:
             steps, losses = zip(*self.history)
-            curve = plot_loss_curve(list(steps), list(losses), Path(self.cfg.output_dir) / "loss_curve.png")
+            curve = plot_loss_curve(list(steps), list(losses), Path(self.settings.output_dir) / "loss_curve.png")
         if self.device.type == "cuda":
             peak = f"{training.get_memory_stats(self.device)['peak_memory_alloc']:.2f} GiB GPU"
         else:
@@ -371,7 +368,7 @@ class VisionFinetuneRecipe:
     def _check_frozen(self) -> None:
         after = frozen_fingerprint(self.model)
         unchanged = after == self.frozen_before
-        atomic_write_json(Path(self.cfg.output_dir) / "frozen_llm.json",
+        atomic_write_json(Path(self.settings.output_dir) / "frozen_llm.json",
                           {"before": self.frozen_before, "after": after, "unchanged": unchanged}, indent=2)  # fmt: skip
         if not unchanged:
             raise RuntimeError("the frozen LLM's weights changed during training (verify_frozen_llm): a bug")
@@ -386,11 +383,11 @@ class VisionFinetuneRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    check_keys(cfg, TRAIN, "full_finetune")
+    recipe = VisionFinetuneRecipe(cfg, distributed=launched_by_torchrun())  # settings checked here
+    s = recipe.settings
     # every folder the run writes, made and proven writable before any model is loaded
-    ensure_writable([("output_dir", cfg.output_dir), ("checkpointer.output_dir", cfg.checkpointer.output_dir),
-                     ("metric_logger.log_dir", cfg.get("metric_logger", {}).get("log_dir"))])  # fmt: skip
-    recipe = VisionFinetuneRecipe(cfg, distributed=launched_by_torchrun())
+    ensure_writable([("output_dir", s.output_dir), ("checkpointer.output_dir", s.checkpointer.output_dir),
+                     ("metric_logger.log_dir", (s.metric_logger or {}).get("log_dir"))])  # fmt: skip
     recipe.setup()
     recipe.train()
     recipe.cleanup()

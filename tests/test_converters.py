@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import draw_jpeg
+from helpers import draw_jpeg
 
 from medcap.data.sources import CAPTION_INSTRUCTIONS, SourceError, read_slake, read_vqarad
 from medcap.models.vision import build_vision_encoder

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import draw_jpeg
+from helpers import draw_jpeg
 from torchtune.data import Message
 
 from medcap.data import chat_dataset

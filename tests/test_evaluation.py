@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyLlama, draw_jpeg, load_tiny_decoder, make_hf_llama, write_meta_checkpoint
+from helpers import TinyLlama, draw_jpeg, load_tiny_decoder, make_hf_llama, write_meta_checkpoint
 from omegaconf import OmegaConf
 
 from medcap.models.checkpoints import save_vision_checkpoint
@@ -78,6 +78,18 @@ def make_cfg(ws, out, *extra):
     return OmegaConf.merge(base, OmegaConf.from_dotlist(eval_overrides(ws, out, *extra)))
 
 
+def recipe(cfg):
+    """The generate recipe (``recipes/generate.py``), driven in this process."""
+    from medcap.cli import load_recipe
+    from medcap.settings import GenerateSettings
+
+    return load_recipe("generate").EvaluationRecipe(GenerateSettings.from_config(cfg, "generate"))
+
+
+def evaluate(cfg) -> dict:
+    return recipe(cfg).run()
+
+
 def read_csv(path):
     with open(path, "rb") as f:  # written as the original wrote them: utf-8 with a byte order mark
         assert f.read(3) == b"\xef\xbb\xbf", path
@@ -86,7 +98,6 @@ def read_csv(path):
 
 
 def test_slake_all_checkpoints_one_llm_load(ws, tmp_path, monkeypatch):
-    from medcap.evaluation import runner
     from medcap.models import assembly
 
     loads = []
@@ -94,7 +105,7 @@ def test_slake_all_checkpoints_one_llm_load(ws, tmp_path, monkeypatch):
     monkeypatch.setattr(assembly, "build_llm", lambda *a, **k: loads.append(1) or real(*a, **k))
     cfg = make_cfg(ws, tmp_path, "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=direct",
                    f"vision_checkpoint={ws['ckpt']}/meta_model_*.pt", "batch_size=3")  # fmt: skip
-    results = runner.Evaluator(cfg).run()
+    results = evaluate(cfg)
     assert len(loads) == 1
     assert sorted(results) == ["meta_model_0", "meta_model_1"]
     rows = read_csv(tmp_path / "test_out_slake_meta_model_0.csv")
@@ -110,18 +121,17 @@ def test_slake_all_checkpoints_one_llm_load(ws, tmp_path, monkeypatch):
     # batch size does not change greedy answers
     cfg1 = make_cfg(ws, tmp_path / "b1", "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=direct",
                     f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt", "batch_size=1")  # fmt: skip
-    runner.Evaluator(cfg1).run()
+    evaluate(cfg1)
     assert [r["generated"] for r in read_csv(tmp_path / "b1" / "test_out_slake_meta_model_0.csv")] == [
         r["generated"] for r in rows
     ]
 
 
 def test_resume_after_interruption(ws, tmp_path, monkeypatch):
-    from medcap.evaluation import runner
 
     cfg = make_cfg(ws, tmp_path, "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=describe_then_answer",
                    f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt", "answer_types=[CLOSED]", "batch_size=1")  # fmt: skip
-    runner.Evaluator(cfg).run()
+    evaluate(cfg)
     path = tmp_path / "test_out_slake_meta_model_0.csv"
     full = read_csv(path)
     assert len(full) == 2 and all(r["description"] for r in full)  # two turns: a description first
@@ -132,13 +142,12 @@ def test_resume_after_interruption(ws, tmp_path, monkeypatch):
     calls = []
     real = answering.generate_two_turns
     monkeypatch.setattr(answering, "generate_two_turns", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
-    runner.Evaluator(cfg).run()
+    evaluate(cfg)
     assert sum(calls) == 1  # one item: its description and its answer, in one two-turn call
     assert read_csv(path) == full
 
 
 def test_captioning_metrics_files(ws, tmp_path):
-    from medcap.evaluation import runner
 
     cfg = make_cfg(
         ws,
@@ -147,7 +156,7 @@ def test_captioning_metrics_files(ws, tmp_path):
         f"dataset_source={ws['captions']}",
         f"vision_checkpoint={ws['ckpt']}/meta_model_1.pt",
     )
-    runner.Evaluator(cfg).run()
+    evaluate(cfg)
     rows = read_csv(tmp_path / "test_out_meta_model_1.csv")
     assert [r["output"] for r in rows] == [f"a chest ct number {i}" for i in range(3)]
     assert all(r["instruction"] == "Describe the image." for r in rows)
@@ -159,11 +168,10 @@ def test_captioning_metrics_files(ws, tmp_path):
 
 
 def test_long_prompts_are_skipped_not_cut(ws, tmp_path, capsys):
-    from medcap.evaluation import runner
 
     cfg = make_cfg(ws, tmp_path, "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=direct",
                    f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt", "dataset_max_seq_len=20")  # fmt: skip
-    runner.Evaluator(cfg).run()
+    evaluate(cfg)
     assert not read_csv(tmp_path / "test_out_slake_meta_model_0.csv")
     assert "4 items skipped: prompt longer than dataset_max_seq_len=20" in capsys.readouterr().out
     assert json.loads((tmp_path / "metrics_meta_model_0.json").read_text())["slake"]["skipped_too_long"] == 4
@@ -172,7 +180,6 @@ def test_long_prompts_are_skipped_not_cut(ws, tmp_path, capsys):
 def test_vqarad_and_an_original_layout_checkpoint(ws, tmp_path):
     """VQA-RAD's official test split from its own file layout, with a checkpoint saved the way
     the original medcap saved them (no 'medcap' entry, bf16)."""
-    from medcap.evaluation import runner
 
     root = tmp_path / "VQA_RAD"
     rows = []
@@ -193,7 +200,7 @@ def test_vqarad_and_an_original_layout_checkpoint(ws, tmp_path):
         "vqa_mode=direct",
         f"vision_checkpoint={tmp_path}/last.pt",
     )
-    runner.Evaluator(cfg).run()
+    evaluate(cfg)
     out = read_csv(tmp_path / "test_out_vqarad_last.csv")
     assert [r["qid"] for r in out] == ["1", "2", "3"]  # the official test split only
     summary = json.loads((tmp_path / "metrics_last.json").read_text())["vqarad"]
@@ -204,44 +211,41 @@ def test_vqarad_and_an_original_layout_checkpoint(ws, tmp_path):
 def test_single_image_inference_on_a_dicom(ws, tmp_path, capsys):
     from pydicom.data import get_testdata_file
 
-    from medcap.evaluation import runner
 
     cfg = make_cfg(ws, tmp_path, f"image={get_testdata_file('CT_small.dcm')}", "prompt=Is there a pleural effusion?",
                    f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt")  # fmt: skip
-    answer = runner.Evaluator(cfg).run()["answer"]
+    answer = evaluate(cfg)["answer"]
     assert capsys.readouterr().out.strip().endswith(answer)
     bad = make_cfg(ws, tmp_path, f"image={tmp_path}/missing.dcm", "prompt=x")
     with pytest.raises(Exception, match="missing.dcm: image file not found"):
-        runner.Evaluator(bad).run()
+        evaluate(bad)
 
 
 def test_eval_split_val_and_metrics_of_separate_runs_merge(ws, tmp_path):
     import shutil
 
-    from medcap.evaluation import runner
 
     slake = tmp_path / "SLAKE"
     shutil.copytree(ws["slake"], slake)
     (slake / "validate.json").write_text(json.dumps([slake_row(9, 1, "Is this an MRI?", "No", "CLOSED", "Modality")]))
     ckpt = f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt"
     out = tmp_path / "out"
-    runner.Evaluator(make_cfg(ws, out, "test_slake=True", "eval_split=val", f"dataset_source={slake}",
-                              "vqa_mode=direct", ckpt)).run()  # fmt: skip
+    evaluate(make_cfg(ws, out, "test_slake=True", "eval_split=val", f"dataset_source={slake}",
+                              "vqa_mode=direct", ckpt))  # fmt: skip
     assert [r["instruction"] for r in read_csv(out / "test_out_slake_meta_model_0.csv")] == ["Is this an MRI?"]
-    runner.Evaluator(make_cfg(ws, out, "test_metrics=True", f"dataset_source={ws['captions']}", ckpt)).run()
+    evaluate(make_cfg(ws, out, "test_metrics=True", f"dataset_source={ws['captions']}", ckpt))
     metrics = json.loads((out / "metrics_meta_model_0.json").read_text())
     assert metrics["slake"]["n"] == 1 and metrics["captions"]["n"] == 3  # the second run kept the first's
     with pytest.raises(ValueError, match="VQA-RAD has no validation split"):
-        runner.Evaluator(make_cfg(ws, out, "test_vqarad=True", "eval_split=val", f"dataset_source={slake}")).run()
+        evaluate(make_cfg(ws, out, "test_vqarad=True", "eval_split=val", f"dataset_source={slake}"))
 
 
 def test_bf16_evaluation_on_cpu(ws, tmp_path):
     """The GPU's evaluation path on a CPU: the LLM in bf16, the vision side fp32 under autocast."""
-    from medcap.evaluation import runner
 
     cfg = make_cfg(ws, tmp_path, "dtype=bf16", "test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=direct",
                    f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt")  # fmt: skip
-    evaluator = runner.Evaluator(cfg)
+    evaluator = recipe(cfg)
     evaluator.run()
     model = evaluator.answerer.model
     assert {p.dtype for p in model.decoder.parameters()} == {torch.bfloat16}
@@ -295,12 +299,32 @@ def test_two_processes_write_what_one_process_writes(ws, tmp_path):
 def test_two_turns_on_the_first_turns_cache_equal_recomputing(ws, tmp_path):
     """describe_then_answer: the second turn continued on the first turn's KV caches gives the
     rows (descriptions and answers) that running the second prompt from scratch gives."""
-    from medcap.evaluation import runner
 
     common = ("test_slake=True", f"dataset_source={ws['slake']}", "vqa_mode=describe_then_answer",
               f"vision_checkpoint={ws['ckpt']}/meta_model_1.pt", "batch_size=3", "max_new_tokens=12")  # fmt: skip
-    runner.Evaluator(make_cfg(ws, tmp_path / "cached", *common)).run()
-    runner.Evaluator(make_cfg(ws, tmp_path / "recomputed", *common, "two_turn_cache=False")).run()
+    evaluate(make_cfg(ws, tmp_path / "cached", *common))
+    evaluate(make_cfg(ws, tmp_path / "recomputed", *common, "two_turn_cache=False"))
     cached = read_csv(tmp_path / "cached" / "test_out_slake_meta_model_1.csv")
     assert cached == read_csv(tmp_path / "recomputed" / "test_out_slake_meta_model_1.csv")
     assert len(cached) == 4 and all(r["description"] for r in cached)
+
+
+def test_copied_generate_recipe_is_editable_and_runs(ws, tmp_path):
+    """`medcap cp generate` gives the evaluation loop itself; an edited copy runs as a file and
+    writes what the shipped recipe writes, plus its edit."""
+    mine = tmp_path / "my_eval.py"
+    _cli("cp", "generate", str(mine))
+    text = mine.read_text()
+    assert "class EvaluationRecipe" in text and "def evaluate(self)" in text and "def answer(self" in text
+    marker = "                out.add(task.row(it, description, generated))\n"
+    assert marker in text
+    mine.write_text(text.replace(marker, marker.replace("generated))", 'f"edited: {generated}"))')))
+    common = ["--config", "custom_generation_config", "test_slake=True", f"dataset_source={ws['slake']}",
+              "vqa_mode=direct", f"vision_checkpoint={ws['ckpt']}/meta_model_0.pt"]  # fmt: skip
+    _cli("run", str(mine), *common, *eval_overrides(ws, tmp_path / "edited"))
+    _cli("run", "generate", *common, *eval_overrides(ws, tmp_path / "shipped"))
+    edited = read_csv(tmp_path / "edited" / "test_out_slake_meta_model_0.csv")
+    shipped = read_csv(tmp_path / "shipped" / "test_out_slake_meta_model_0.csv")
+    assert [r["generated"] for r in edited] == [f"edited: {r['generated']}" for r in shipped]
+    assert len(shipped) == 4
+

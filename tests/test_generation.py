@@ -1,11 +1,12 @@
-"""Batched KV-cache decoding with images equals one-at-a-time and cache-free greedy decoding."""
+"""Batched KV-cache decoding with images (``medcap.decoding``) equals one-at-a-time and cache-free
+greedy decoding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medcap.generation import generate, left_pad, pick, strip_at_stop
+from medcap.decoding import Sampling, generate, left_pad, pick, strip_at_stop
 from medcap.models.fusion import build_medcap_model
 
 IMG, N = 1000, 4
@@ -22,7 +23,7 @@ def cache_free_generate(model, prompts, images, *, max_new_tokens, stop_tokens, 
         seq = torch.cat([batch.tokens, out[:, :step]], dim=1)
         pos = n + step
         logits = model(seq, images=images, mask=batch.masks[:, :pos, :pos], input_pos=batch.positions[:, :pos])
-        token = torch.where(done, pad_id, pick(logits[:, -1], 0.0, None, None))
+        token = torch.where(done, pad_id, pick(logits[:, -1], Sampling()))
         done |= torch.isin(token, torch.tensor(stop_tokens))
         out[:, step] = token
     return strip_at_stop(out.tolist(), stop_tokens)
@@ -81,9 +82,7 @@ def test_sampling_is_seeded(model):
         max_new_tokens=10,
         stop_tokens=[2],
         pad_id=0,
-        temperature=1.0,
-        top_k=50,
-        rng=torch.Generator().manual_seed(seed),
+        sampling=Sampling(temperature=1.0, top_k=50, rng=torch.Generator().manual_seed(seed)),
     )
     assert run(7) == run(7)
     assert run(7) != run(8)
@@ -95,9 +94,7 @@ def test_sampling_is_seeded(model):
         max_new_tokens=10,
         stop_tokens=[2],
         pad_id=0,
-        temperature=1.0,
-        top_k=1,
-        rng=torch.Generator().manual_seed(1),
+        sampling=Sampling(temperature=1.0, top_k=1, rng=torch.Generator().manual_seed(1)),
     )
     assert greedy == top1
 
@@ -106,23 +103,23 @@ def test_sampling_is_seeded(model):
 def test_compiled_decoding_gives_the_same_tokens(model):
     """compile_decoding: the decode step through torch.compile (weights frozen into the graph);
     batch sizes padded to a power of two; the same greedy tokens as eager decoding."""
-    from medcap.generation import compile_decoding, decoding_is_compiled
+    from medcap.decoding import compile_decoding
 
     prompts = _prompts()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     kwargs = dict(max_new_tokens=8, stop_tokens=[2], pad_id=0)
     eager = generate(model, prompts, images, **kwargs)
-    compile_decoding(model)
-    assert decoding_is_compiled(model)
-    assert generate(model, prompts, images, **kwargs) == eager  # 3 rows: run as 4
-    assert generate(model, prompts[1:2], None, **kwargs) == [eager[1]]
+    step = compile_decoding(model)
+    assert step.compiled and step.rows_for(3) == 4
+    assert generate(model, prompts, images, **kwargs, step=step) == eager  # 3 rows: run as 4
+    assert generate(model, prompts[1:2], None, **kwargs, step=step) == [eager[1]]
 
 
 def test_second_turn_on_the_first_turns_caches_equals_recomputing(model):
     """generate_two_turns: the second prompt shares a prefix with what the caches hold; where it
     departs from the generated tokens (a re-encoded description), the cached ones are masked and
     the rest runs; every answer equals generate() on the whole second prompt from scratch."""
-    from medcap.continuation import generate_two_turns
+    from medcap.decoding import generate_two_turns
 
     prompts = _prompts()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyLlama, make_hf_llama, write_meta_checkpoint
+from helpers import TinyLlama, make_hf_llama, write_meta_checkpoint
 
 from medcap.evaluation import judge
 from medcap.evaluation.judge import parse_verdict

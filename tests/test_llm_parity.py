@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyLlama, load_tiny_decoder, make_hf_llama, write_hf_checkpoint
+from helpers import TinyLlama, load_tiny_decoder, make_hf_llama, write_hf_checkpoint
 
 from medcap.models.fusion import build_medcap_model
 

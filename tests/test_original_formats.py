@@ -7,12 +7,12 @@ import csv
 
 import pytest
 import torch
-from conftest import TinyLlama, make_hf_llama, write_hf_checkpoint, write_meta_checkpoint
+from helpers import TinyLlama, make_hf_llama, write_hf_checkpoint, write_meta_checkpoint
 
 from medcap.evaluation.judge import question_text, read_items
 from medcap.io import ResumableCSV
 from medcap.models.assembly import LLMCheckpointer, load_llm_weights
-from medcap.recipe_keys import GENERATE, TRAIN, UnknownConfigKeyError, check_keys
+from medcap.settings import GenerateSettings, TrainSettings, UnknownConfigKeyError, check_keys
 
 DECODED = (
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + "\u2460" * 32 + "\n\nDescribe the image."
@@ -68,7 +68,26 @@ def test_checkpointer_names_what_a_wrong_folder_holds(tmp_path):
 
 def test_unknown_keys_are_named_with_the_closest_known_one():
     with pytest.raises(UnknownConfigKeyError, match=r"vision_chekpoint \(did you mean vision_checkpoint\?\)"):
-        check_keys({"vision_chekpoint": "x", "epochs": 1}, TRAIN, "full_finetune")
+        TrainSettings.from_config({"vision_chekpoint": "x", "epochs": 1}, "full_finetune")
     with pytest.raises(UnknownConfigKeyError, match=r"test_slak \(did you mean test_slake\?\)"):
-        check_keys({"test_slak": True}, GENERATE, "generate")
-    check_keys({"optimizer_in_bwd": True, "loss": {}}, TRAIN, "full_finetune")  # torchtune's keys: accepted
+        GenerateSettings.from_config({"test_slak": True}, "generate")
+    check_keys({"optimizer_in_bwd": True, "loss": {}}, TrainSettings.keys(), "full_finetune")  # torchtune's: accepted
+
+
+def test_settings_are_parsed_once_with_their_types_and_one_dtype_reading():
+    """Text from the command line becomes the field's type; a value of the wrong kind, or fp16
+    (refused by training, evaluation, serving and the probe alike), is an error naming the key."""
+    from medcap.errors import ConfigError
+    from medcap.probing import ProbeSettings
+
+    s = TrainSettings.from_config({"batch_size": "4", "shuffle": "false", "clip_grad_norm": "1.5", "seed": "3"})
+    assert (s.batch_size, s.shuffle, s.clip_grad_norm, s.seed, s.dtype) == (4, False, 1.5, 3, "bf16")
+    for bad, key in (({"batch_size": "four"}, "batch_size"), ({"shuffle": "maybe"}, "shuffle"),
+                     ({"epochs": 0}, "epochs"), ({"epochs": 1.5}, "epochs")):  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            TrainSettings.from_config(bad)
+    for settings in (TrainSettings, GenerateSettings, ProbeSettings):
+        with pytest.raises(ConfigError, match="dtype=fp16: fp16 overflows"):
+            settings.from_config({"dtype": "fp16"})
+    assert ProbeSettings.from_config({"fewshot_sizes": [1, 2]}).fewshot_sizes == (1, 2)
+    assert TrainSettings.keys() > {"dataset", "optimizer", "vision", "device", "dtype", "seed"}

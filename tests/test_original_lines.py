@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyLlama, draw_jpeg, make_hf_llama, write_hub_biomedclip, write_meta_checkpoint
+from helpers import TinyLlama, draw_jpeg, make_hf_llama, write_hub_biomedclip, write_meta_checkpoint
 from test_checkpoints import original_projector_state, original_visual_state
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import draw_jpeg
+from helpers import draw_jpeg
 from PIL import Image
 
 from medcap.models.checkpoints import export_open_clip_dir
@@ -428,7 +428,7 @@ def test_demo_mini_slake_modality_probe(demo_slake, tmp_path):
 def test_pretrained_biomedclip_from_the_hub_cache_is_an_encoder(patterns, tmp_path):
     """encoders=[biomedclip]: the pretrained tower out of the Hugging Face cache (offline), beside
     its random initialisation; the cache key follows the cached weights."""
-    from conftest import write_hub_biomedclip
+    from helpers import write_hub_biomedclip
 
     write_hub_biomedclip(tmp_path / "hub")
     out = tmp_path / "out"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import draw_jpeg
+from helpers import draw_jpeg
 
 from medcap.data.sharegpt import RecordError, parse_meta, read_records, record_to_chat
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import smollm2_tool
+from helpers import smollm2_tool
 from torchtune.data import Message
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyLlama, draw_jpeg, make_hf_llama, write_meta_checkpoint
+from helpers import TinyLlama, draw_jpeg, make_hf_llama, write_meta_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = TinyLlama(vocab_size=512, layers=2, dim=64, ffn=128, heads=4, kv_heads=2, max_seq_len=512)
@@ -113,7 +113,7 @@ def test_overfit_loss_falls_llm_unchanged_checkpoint_loads(workspace, tmp_path):
     # the LLM was never re-saved and never changed: reload it and compare with the source file
     assert not any(p.suffix == ".pth" for p in out.rglob("*"))
 
-    from conftest import load_tiny_decoder
+    from helpers import load_tiny_decoder
 
     from medcap.models.fusion import build_medcap_model
 
@@ -284,7 +284,7 @@ def test_fsdp2_two_processes_train_and_checkpoint_loads_single_process(workspace
     # same global batch, same data order per step: the same losses up to float reduction order
     assert dist_losses == pytest.approx(single_losses, rel=2e-3)
 
-    from conftest import load_tiny_decoder
+    from helpers import load_tiny_decoder
 
     from medcap.models.fusion import build_medcap_model
 
@@ -359,7 +359,7 @@ def test_bf16_on_cpu_runs_the_gpu_mixed_precision_path(workspace, tmp_path):
     """dtype=bf16 on a CPU: the frozen LLM in bf16, the vision side and its optimizer state in
     fp32, forwards under bf16 autocast, the loss in fp32; the loss falls, checkpoints hold fp32,
     the LLM is bitwise unchanged, and a bf16 checkpoint saved the original's way loads."""
-    from conftest import load_tiny_decoder
+    from helpers import load_tiny_decoder
     from omegaconf import OmegaConf
 
     from medcap.cli import load_recipe

@@ -157,7 +157,7 @@ def _build_in_child(cache: Path, code: str) -> subprocess.CompletedProcess:
 def test_pretrained_biomedclip_comes_from_the_hub_cache_offline(tmp_path):
     """vision=biomedclip without vision_path: the image tower from the Hugging Face cache (the
     original's hf-hub:microsoft/BiomedCLIP-... load), offline, never the BERT text tower."""
-    from conftest import write_hub_biomedclip
+    from helpers import write_hub_biomedclip
 
     expected = write_hub_biomedclip(tmp_path / "hub")
     out = tmp_path / "tower.pt"
@@ -198,7 +198,7 @@ def test_a_vision_checkpoint_alone_decides_the_weights(tmp_path, tiny_decoder):
     ckpt = save_vision_checkpoint(model, tmp_path / "meta_model_0.pt")
     assert torch.load(ckpt, weights_only=True)["medcap"]["vision_init"] == "random initialisation"
     code = f"""
-from conftest import TinyLlama
+from helpers import TinyLlama
 from medcap.models.fusion import build_medcap_model
 m = build_medcap_model(TinyLlama().torchtune_decoder(), image_token_id=1000, vision="biomedclip",
                        vision_checkpoint={str(ckpt)!r}, vision_pretrained=True)

@@ -68,6 +68,15 @@ def tokenize_chat(
     return out_tokens, out_mask
 
 
+def prompt_tokens(tokenizer: Any, messages: list[Message], num_image_tokens: int) -> list[int]:
+    """The prompt for the model's next answer: the conversation as training tokenizes it, then
+    the assistant's header with no end token (the original decoded and re-encoded prompts,
+    turning header tokens into text). Evaluation and serving both ask here."""
+    tokens, _ = tokenize_chat(tokenizer, [*messages, Message(role="assistant", content="")], num_image_tokens,
+                              add_end_tokens=False)  # fmt: skip
+    return tokens
+
+
 def fit_to_length(
     tokens: list[int], labels: list[int], max_seq_len: int | None, image_id: int
 ) -> tuple[list[int], list[int]] | str:

@@ -22,7 +22,7 @@ from torchtune.training import FullModelMetaCheckpointer
 from tqdm import tqdm
 
 from medcap.data.images import load_image
-from medcap.generation import generate
+from medcap.decoding import generate
 from medcap.models.assembly import load_llm_weights
 from medcap.models.checkpoints import export_open_clip_dir, save_vision_checkpoint, write_meta_llm_checkpoint
 from medcap.models.fusion import build_medcap_model, count_parameters

@@ -12,15 +12,13 @@ from typing import Any
 import torch
 from torchtune.data import Message
 
-from medcap.continuation import generate_two_turns
-from medcap.data.dataset import tokenize_chat
+from medcap.data.dataset import prompt_tokens
 from medcap.data.images import load_image
+from medcap.decoding import DecodeStep, Sampling, generate, generate_two_turns
 from medcap.evaluation.tasks import EvalItem, user_message
-from medcap.generation import generate
 from medcap.models.assembly import autocast
 from medcap.models.fusion import MedcapModel
 
-VQA_MODES = ("direct", "describe_then_answer")
 DESCRIBE = "Describe the image in a detailed and informative manner."
 
 
@@ -45,22 +43,19 @@ class Answerer:
         dtype: torch.dtype = torch.float32,  # the LLM's: forwards run under autocast to it
         rng: torch.Generator | None = None,
         reuse_first_turn: bool = True,
+        step: DecodeStep | None = None,
     ):
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
-        self.batch_size, self.dtype, self.rng = batch_size, dtype, rng
+        self.batch_size, self.dtype = batch_size, dtype
+        self.sampling = Sampling(temperature=decoding.temperature, top_k=decoding.top_k, rng=rng)
+        self.step = step  # a compiled one (compile_decoding), or None: eager
         self.device = model.tok_embeddings.weight.device
         self.transform = model.visual.preprocess.transform()
         self.skipped = 0  # prompts longer than max_prompt_len since the last reset
         self.reuse_first_turn = reuse_first_turn
 
     def prompt(self, messages: list[Message]) -> list[int]:
-        tokens, _ = tokenize_chat(
-            self.tokenizer,
-            [*messages, Message(role="assistant", content="")],
-            self.model.num_image_tokens,
-            add_end_tokens=False,
-        )
-        return tokens
+        return prompt_tokens(self.tokenizer, messages, self.model.num_image_tokens)
 
     def fits(self, tokens: list[int]) -> bool:
         return self.decoding.max_prompt_len is None or len(tokens) <= int(self.decoding.max_prompt_len)
@@ -75,8 +70,7 @@ class Answerer:
         with autocast(self.device, self.dtype):
             ids = generate(self.model, [p for p, _ in batch], self.images([it for _, it in batch]),
                            max_new_tokens=max_new_tokens, stop_tokens=self.tokenizer.stop_tokens,
-                           pad_id=self.tokenizer.pad_id, temperature=self.decoding.temperature,
-                           top_k=self.decoding.top_k, rng=self.rng)  # fmt: skip
+                           pad_id=self.tokenizer.pad_id, sampling=self.sampling, step=self.step)  # fmt: skip
         return [self.tokenizer.decode(x).strip() for x in ids]
 
     def answer(self, items: list[EvalItem], two_turn: bool) -> Iterator[tuple[EvalItem, str, str]]:
@@ -123,6 +117,5 @@ class Answerer:
         with autocast(self.device, self.dtype):
             _, seconds = generate_two_turns(self.model, firsts, self.images(chunk), follow_up, max_new_tokens=(half, half),
                                             stop_tokens=self.tokenizer.stop_tokens, pad_id=self.tokenizer.pad_id,
-                                            temperature=self.decoding.temperature, top_k=self.decoding.top_k,
-                                            rng=self.rng)  # fmt: skip
+                                            sampling=self.sampling, step=self.step)  # fmt: skip
         return descriptions, {k: self.tokenizer.decode(x).strip() for k, x in enumerate(seconds) if x is not None}

@@ -242,12 +242,12 @@ class ModelBackend:
         return self.fits_dialog([("user", prompt)])
 
     def reply(self, dialogs: list[list[tuple[str, str]]]) -> list[str]:
-        from medcap.generation import generate
+        from medcap.decoding import Sampling, generate
 
         ids = generate(
             self.model, [self.encode(d) for d in dialogs], max_new_tokens=self.max_new_tokens,
-            stop_tokens=self.tokenizer.stop_tokens, pad_id=self.tokenizer.pad_id, temperature=self.temperature,
-            top_k=self.top_k, rng=self.rng,
+            stop_tokens=self.tokenizer.stop_tokens, pad_id=self.tokenizer.pad_id,
+            sampling=Sampling(temperature=self.temperature, top_k=self.top_k, rng=self.rng),
         )  # fmt: skip
         return [self.tokenizer.decode(x).strip() for x in ids]
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 from torchtune.data import Message
 
 from medcap.data.sharegpt import read_records, record_to_chat
@@ -18,6 +17,8 @@ from medcap.evaluation.captioning import SPICE_SKIPPED, caption_metrics, require
 from medcap.evaluation.outputs import EvalOutputs
 from medcap.evaluation.vqa import score_item, summarize_scores
 from medcap.io import atomic_write
+
+VQA_MODES = ("direct", "describe_then_answer")  # image + question; or describe it first (the original's two turns)
 
 VQA_KINDS = ("slake", "vqarad")
 PYCOCO_NAMES = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3", "BLEU-4": "Bleu_4",
@@ -154,22 +155,27 @@ class VQATask(Task):
         )
 
 
-def tasks_from_config(cfg: DictConfig, two_turn: bool) -> list[Task]:
+def tasks_from_settings(settings: Any) -> list[Task]:
     """``test_metrics`` (captions of ``dataset_source``), ``test_slake`` / ``test_vqarad`` (the
-    dataset root's ``eval_split`` questions of ``answer_types``), each cut to ``limit`` items."""
+    dataset root's ``eval_split`` questions of ``answer_types``), each cut to ``limit`` items.
+    ``settings``: ``medcap.settings.GenerateSettings``."""
+    s = settings
+    if s.vqa_mode not in VQA_MODES:
+        raise ValueError(f"vqa_mode={s.vqa_mode!r}; expected one of {VQA_MODES}")
+    two_turn = s.vqa_mode == "describe_then_answer"
     tasks: list[Task] = []
-    if cfg.get("test_metrics"):
+    if s.test_metrics:
         require_java()
-        tasks.append(CaptionTask(items=caption_items(cfg.dataset_source)))
-    answer_types = list(cfg.get("answer_types") or ["CLOSED", "OPEN"])
-    split = str(cfg.get("eval_split") or "test")
+        tasks.append(CaptionTask(items=caption_items(s.dataset_source)))
+    answer_types = list(s.answer_types or ["CLOSED", "OPEN"])
+    split = str(s.eval_split or "test")
     if split not in EVAL_SPLITS:
         raise ValueError(f"eval_split={split!r}; expected test, val or train")
-    if split == "val" and cfg.get("test_vqarad"):
+    if split == "val" and s.test_vqarad:
         raise ValueError("eval_split=val: VQA-RAD has no validation split (hold one out of its training questions)")
     for kind in VQA_KINDS:
-        if cfg.get(f"test_{kind}"):
-            tasks.append(VQATask(kind, vqa_items(kind, cfg.dataset_source, answer_types, split), two_turn))
+        if getattr(s, f"test_{kind}"):
+            tasks.append(VQATask(kind, vqa_items(kind, s.dataset_source, answer_types, split), two_turn))
     if not tasks:
         raise ValueError("nothing to evaluate: set test_metrics=True, test_slake=True or test_vqarad=True")
-    return [task.limit(cfg.get("limit")) for task in tasks]
+    return [task.limit(s.limit) for task in tasks]

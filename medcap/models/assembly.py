@@ -1,12 +1,13 @@
-"""Config -> model: the one path that training, evaluation, serving and the demo take.
+"""Settings -> model: the one path that training, evaluation, serving and the demo take
+(``build_model``; ``load_for_inference`` adds the device, precision and decode step).
 
 ``vision_pretrained`` (default True) starts an encoder that has pretrained weights (BiomedCLIP)
 from them, as the original did, unless ``vision_path`` or ``vision_checkpoint`` decides.
 
-The LLM is whatever ``cfg.model`` builds, with the weights ``cfg.checkpointer`` reads (torchtune's
-Meta or HF checkpointers); the vision side comes from the original command line's top-level keys
+The LLM is whatever ``model`` builds, with the weights ``checkpointer`` reads (torchtune's Meta
+or HF checkpointers); the vision side comes from the original command line's top-level keys
 (``vision``, ``vision_path``, ``vision_checkpoint``) plus medcap's (``connector``,
-``num_image_tokens``, ``freeze_vision_encoder``).
+``num_image_tokens``, ``freeze_vision_encoder``): ``medcap.settings.ModelSettings``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +25,26 @@ from torchtune import config, training
 from torchtune.modules import TransformerDecoder
 
 from medcap.data.dataset import image_token_id
+from medcap.decoding import DecodeStep, compile_decoding
 from medcap.errors import ConfigError
 from medcap.models.checkpoints import CorruptCheckpointError, load_checked, refuse_unsafe
 from medcap.models.fusion import MedcapModel, build_medcap_model
 from medcap.models.llms import decoder_from_state
+from medcap.settings import ModelSettings, parse_dtype
 
 log = logging.getLogger("medcap")
-_FROM_CONFIG = object()
-
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+_FROM_SETTINGS = object()
 
 
 def resolve_precision(device: torch.device, dtype_name: str) -> torch.dtype:
     """The frozen LLM's dtype, the same policy on every device so that a CPU runs the GPU's code:
     ``bf16``: the LLM in bf16, the vision encoder and connector (and their optimizer state) in
     fp32, forwards under bf16 autocast (``autocast``), the loss in fp32; ``fp32``: fp32
-    throughout. fp16 is refused: its range overflows in Llama's activations without loss
-    scaling, which medcap does not do."""
-    name = str(dtype_name).lower()
-    if name not in DTYPES:
-        raise ConfigError(f"dtype={dtype_name}: expected bf16 or fp32")
-    if DTYPES[name] == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    throughout. fp16 is refused (``medcap.settings.parse_dtype``)."""
+    dtype = parse_dtype(dtype_name)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"dtype={dtype_name}: this GPU has no bf16 support; use dtype=fp32")
-    return DTYPES[name]
+    return dtype
 
 
 def autocast(device: torch.device, llm_dtype: torch.dtype):
@@ -130,40 +128,74 @@ def build_llm(cfg_model: DictConfig, checkpointer: Any, dtype: torch.dtype) -> T
     return decoder_from_state(lambda: config.instantiate(cfg_model), state, dtype, what)
 
 
-def fuse_from_config(
-    cfg: DictConfig, decoder: TransformerDecoder, tokenizer: Any, vision_checkpoint: str | Path | None = None
+def fuse_vision_side(
+    settings: ModelSettings, decoder: TransformerDecoder, tokenizer: Any, vision_checkpoint: str | Path | None = None
 ) -> MedcapModel:
-    """The vision side from the config's top-level keys, joined to ``decoder``."""
+    """The vision side the settings name, joined to ``decoder``."""
     return build_medcap_model(
         decoder,
         image_token_id=image_token_id(tokenizer),
-        vision=cfg.get("vision", "biomedclip"),
-        vision_path=cfg.get("vision_path"),
-        connector=cfg.get("connector"),
-        num_image_tokens=cfg.get("num_image_tokens"),
+        vision=settings.vision,
+        vision_path=settings.vision_path,
+        connector=settings.connector,
+        num_image_tokens=settings.num_image_tokens,
         vision_checkpoint=vision_checkpoint,
-        vision_pretrained=bool(cfg.get("vision_pretrained", True)),
-        freeze_vision_encoder=cfg.get("freeze_vision_encoder", False),
+        vision_pretrained=settings.vision_pretrained,
+        freeze_vision_encoder=settings.freeze_vision_encoder,
         turn_end_ids=getattr(tokenizer, "stop_tokens", ()),
     )
 
 
 def build_model(
-    cfg: DictConfig,
+    settings: ModelSettings,
     tokenizer: Any,
     llm_dtype: torch.dtype,
     *,
     vision_dtype: torch.dtype = torch.float32,
-    vision_checkpoint: Any = _FROM_CONFIG,
+    vision_checkpoint: Any = _FROM_SETTINGS,
     checkpointer: Any = None,
 ) -> MedcapModel:
-    """The LLM (``cfg.model`` + ``cfg.checkpointer``) in ``llm_dtype``, then the vision side in
+    """The LLM (``model`` + ``checkpointer``) in ``llm_dtype``, then the vision side in
     ``vision_dtype``: fp32 for training (pure-bf16 AdamW rounds small updates away).
-    ``vision_checkpoint`` defaults to the config's."""
-    if vision_checkpoint is _FROM_CONFIG:
-        vision_checkpoint = cfg.get("vision_checkpoint")
-    checkpointer = checkpointer if checkpointer is not None else config.instantiate(cfg.checkpointer)
-    model = fuse_from_config(cfg, build_llm(cfg.model, checkpointer, llm_dtype), tokenizer, vision_checkpoint)
+    ``vision_checkpoint`` defaults to the settings' (one file)."""
+    if vision_checkpoint is _FROM_SETTINGS:
+        vision_checkpoint = settings.vision_checkpoint
+    checkpointer = checkpointer if checkpointer is not None else config.instantiate(settings.checkpointer)
+    llm = build_llm(settings.model, checkpointer, llm_dtype)
+    model = fuse_vision_side(settings, llm, tokenizer, vision_checkpoint)
     model.visual.to(vision_dtype)
     model.projector.to(vision_dtype)
     return model
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer: what evaluation, serving and single-image answers share."""
+
+    model: MedcapModel
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype  # the LLM's; forwards run under ``autocast(device, dtype)``
+    step: DecodeStep  # compiled or eager
+    checkpoint: Path | None
+
+
+def load_for_inference(
+    settings: ModelSettings,
+    vision_checkpoint: Path | None,
+    *,
+    device: torch.device | None = None,
+    compile: bool = False,
+    tokenizer: Any = None,
+) -> Loaded:
+    """The tokenizer, the LLM in the settings' precision (the vision side fp32, run under
+    autocast as in training), the vision checkpoint, eval mode, and the decode step (compiled
+    with ``compile``). An untrained encoder (no checkpoint) is drawn from the settings' seed."""
+    device = device or torch.device(settings.device)
+    dtype = resolve_precision(device, settings.dtype)
+    training.set_seed(seed=settings.seed)
+    tokenizer = tokenizer if tokenizer is not None else config.instantiate(settings.tokenizer)
+    model = build_model(settings, tokenizer, dtype, vision_checkpoint=vision_checkpoint)
+    model.to(device).eval()
+    step = compile_decoding(model) if compile else DecodeStep(model)
+    return Loaded(model, tokenizer, device, dtype, step, vision_checkpoint)

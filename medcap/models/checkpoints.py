@@ -11,6 +11,8 @@ The original's earliest files were flat (``visual.*`` / ``projector.*`` keys); b
 
 from __future__ import annotations
 
+import glob
+import logging
 import pickle
 import re
 import zipfile
@@ -24,6 +26,8 @@ from torch import nn
 from medcap.errors import MedcapError
 from medcap.io import atomic_write, atomic_write_json
 from medcap.models.connectors import connector_spec
+
+log = logging.getLogger("medcap")
 
 MEDCAP_KEY = "medcap"
 FORMAT_VERSION = 1
@@ -243,3 +247,41 @@ def write_meta_llm_checkpoint(
     atomic_save(tune_to_meta(dict(tune_state)), folder / "consolidated.00.pth")
     atomic_write_json(folder / "params.json", params, indent=2)
     return folder
+
+
+def _natural(path: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def expand_checkpoints(spec: Any) -> list[Path | None]:
+    """Vision checkpoints named by a setting: a file, a glob (``meta_model_*.pt``: every match,
+    in epoch order) or a list of them; None is the untrained encoder."""
+    if spec is None:
+        return [None]
+    specs = list(spec) if isinstance(spec, (list, tuple)) or type(spec).__name__ == "ListConfig" else [spec]
+    paths: list[Path] = []
+    for s in specs:
+        s = str(s)
+        if any(ch in s for ch in "*?["):
+            matches = glob.glob(s)
+            if not matches:
+                raise FileNotFoundError(f"vision_checkpoint={s}: no file matches")
+            paths += [Path(p) for p in sorted(matches, key=_natural)]
+        else:
+            paths.append(Path(s))
+    return paths
+
+
+def latest_checkpoint(spec: Any) -> Path | None:
+    """One vision checkpoint: a file, or a glob's last match (the latest epoch); a list of more
+    than one is an error (serving and single-image answers take one model)."""
+    if isinstance(spec, (list, tuple)) or type(spec).__name__ == "ListConfig":
+        if len(spec) != 1:
+            raise ValueError(f"vision_checkpoint: one checkpoint is needed (a file or a glob), not a list of {len(spec)}")
+    found = expand_checkpoints(spec)
+    if len(found) > 1:
+        log.info("vision_checkpoint=%s matches %d files: taking the last, %s", spec, len(found), found[-1])
+    ckpt = found[-1]
+    if ckpt is not None and not ckpt.is_file():
+        raise FileNotFoundError(f"vision_checkpoint={ckpt}: file not found")
+    return ckpt

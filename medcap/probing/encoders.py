@@ -8,10 +8,8 @@ architecture in the list and the pixel baseline are always added, so "better" ha
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import torch
 
 from medcap.models import vision as vision_module
-from medcap.models.checkpoints import load_checked, read_vision_checkpoint, safe_load
+from medcap.models.checkpoints import expand_checkpoints, load_checked, read_vision_checkpoint, safe_load
 from medcap.models.vision import (
     ARCH_DIR,
     OPEN_CLIP_CONFIG,
@@ -42,10 +40,6 @@ class EncoderSpec:
     vision: str | None = None  # architecture (encoder name); None for pixels
     path: Path | None = None  # checkpoint file or open_clip folder
     pixel_size: int = 16  # pixels only
-
-
-def _natural(path: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
 def checkpoint_encoder(path: Path, default: str) -> str:
@@ -98,12 +92,9 @@ def parse_entry(entry: Any, vision: str = "biomedclip", pixel_size: int = 16) ->
     if entry.get("random"):
         return [EncoderSpec(entry.get("name") or f"random_{arch}", "random", arch)]
     if entry.get("vision_checkpoint"):
-        pattern = str(entry["vision_checkpoint"])
-        files = sorted(glob.glob(pattern), key=_natural) if any(ch in pattern for ch in "*?[") else [pattern]
-        if not files:
-            raise FileNotFoundError(f"vision_checkpoint={pattern}: no file matches")
+        files = expand_checkpoints(str(entry["vision_checkpoint"]))
         specs = []
-        for f in map(Path, files):
+        for f in files:
             name = entry.get("name") if len(files) == 1 and entry.get("name") else f.stem
             specs.append(EncoderSpec(name, "checkpoint", checkpoint_encoder(f, arch), f))
         return specs

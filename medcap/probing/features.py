@@ -20,15 +20,7 @@ from medcap.data.images import ImageLoadError, load_image, split_selector
 from medcap.io import atomic_write
 from medcap.probing.encoders import EncoderSpec, encoder_key, file_digest, load_encoder
 from medcap.probing.labels import LabelledImage
-
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+from medcap.settings import parse_dtype
 
 
 @dataclass
@@ -109,7 +101,7 @@ def _compute(
     if spec.kind == "pixels":
         transform = pixel_transform(spec.pixel_size)
     else:
-        encoder = load_encoder(spec, seed).to(device=device, dtype=DTYPES[dtype]).eval()
+        encoder = load_encoder(spec, seed).to(device=device, dtype=parse_dtype(dtype)).eval()
         transform = encoder.preprocess.transform()
     loader = DataLoader(_Images(images, transform), batch_size=batch_size, num_workers=num_workers)
     out = []
@@ -120,7 +112,7 @@ def _compute(
             if encoder is None:
                 out.append(batch.numpy())
             else:
-                out.append(encoder(batch.to(device=device, dtype=DTYPES[dtype])).pooled.float().cpu().numpy())
+                out.append(encoder(batch.to(device=device, dtype=parse_dtype(dtype))).pooled.float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
 
@@ -138,8 +130,7 @@ def extract_features(
 ) -> Features:
     """Features for ``images``; only images missing from the cache are run (the encoder is not
     even built when none is)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype}: expected one of {sorted(DTYPES)}")
+    parse_dtype(dtype)  # a wrong name fails before any encoder is built
     keys = image_keys(images)
     cache_file = None
     if cache_dir is not None:

@@ -1,15 +1,18 @@
 """``medcap serve``: a trained medcap model behind an OpenAI-compatible chat API with images,
 batched across requests, and a web page to try it.
 
-- ``settings``: the server's config keys and their defaults (the generate recipe's configs work
-  unchanged);
-- ``requests``: OpenAI chat requests -> prompt tokens and image tensors (validation);
+- ``settings``: the server's config keys and their defaults, on the generate recipe's (its configs
+  work unchanged);
+- ``protocol``: OpenAI's request, response, chunk and model-list bodies;
+- ``requests``: a validated request -> prompt tokens, image tensors and sampling settings;
 - ``image_urls``: ``data:`` and ``file://`` image URLs -> images, with size and path checks;
-- ``errors``: OpenAI's error object;
-- ``decoding``: continuous batching on the KV cache (rows join and leave at step boundaries);
-- ``engine``: the bounded queue and the one worker thread that owns the model;
-- ``metrics``: Prometheus counters; ``app``: the FastAPI routes and the page (``static/``);
-- ``server``: config -> model -> uvicorn.
+- ``engine``: the bounded queue and the one worker thread that owns the model, decoding every
+  running request together (``medcap.decoding.ContinuousBatch``); it reports errors in its own
+  terms (``errors.EngineError``);
+- ``errors``: OpenAI's error object, and the one mapping from errors to status codes;
+- ``routes``: the endpoints; ``app``: ``create_app`` wires them, the guard and the page
+  (``static/``); ``metrics``: Prometheus counters;
+- ``server``: config -> model (``load_for_inference``, as evaluation) -> uvicorn.
 """
 
 from __future__ import annotations

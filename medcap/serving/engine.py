@@ -1,5 +1,5 @@
 """The batching worker: one thread owns the model and decodes every running request together
-(``decoding.ContinuousBatch``); the async web layer hands it requests through a bounded queue
+(``medcap.decoding.ContinuousBatch``); the async web layer hands it requests through a bounded queue
 and gets events back (text deltas, then done or an error) through each request's sink.
 
 Admission: a waiting request joins the running batch at the next step boundary once the waiting
@@ -25,9 +25,16 @@ from typing import Any
 
 import torch
 
+from medcap.decoding import ContinuousBatch, DecodeStep, Row, Sampling
 from medcap.models.assembly import autocast
-from medcap.serving.decoding import ContinuousBatch, Row, Sampling
-from medcap.serving.errors import APIError
+from medcap.serving.errors import (
+    DecodingFailed,
+    EngineError,
+    QueueFull,
+    RequestTimedOut,
+    Unavailable,
+    UnreadableRequest,
+)
 from medcap.serving.metrics import Metrics
 from medcap.serving.requests import Prepared
 
@@ -43,7 +50,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
-    error: APIError | None = None
+    error: EngineError | None = None
 
 
 @dataclass(eq=False)
@@ -72,7 +79,8 @@ class Job:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int, max_queue: int, batch_wait_ms: float,
-                 retry_after_s: int = 1, seed: int | None = None, metrics: Metrics | None = None):  # fmt: skip
+                 retry_after_s: int = 1, seed: int | None = None, metrics: Metrics | None = None,
+                 step: DecodeStep | None = None):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.stop_tokens = {int(t) for t in tokenizer.stop_tokens}
         self.max_batch_size, self.max_queue = int(max_batch_size), int(max_queue)
@@ -80,7 +88,7 @@ class Engine:
         self.retry_after_s = int(retry_after_s)
         self.metrics = metrics or Metrics()
         self.device = model.tok_embeddings.weight.device
-        self.batch = ContinuousBatch(model, tokenizer.pad_id)
+        self.batch = ContinuousBatch(model, tokenizer.pad_id, step)
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
         self.cond = threading.Condition()
@@ -106,11 +114,10 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue ``job`` or refuse it at once: 429 when ``max_queue`` requests already wait."""
         if not self.alive:
-            raise APIError(503, "the server is not running its model worker", code="unavailable")
+            raise Unavailable("the server is not running its model worker")
         with self.cond:
             if len(self.waiting) >= self.max_queue:
-                raise APIError(429, f"the server is busy: {len(self.waiting)} requests are waiting; retry later",
-                               code="queue_full", headers={"Retry-After": str(self.retry_after_s)})  # fmt: skip
+                raise QueueFull(len(self.waiting), self.retry_after_s)
             self.waiting.append(job)
             self.metrics.queue_depth.set(len(self.waiting))
             self.cond.notify_all()
@@ -134,8 +141,8 @@ class Engine:
                     self._step()
             except Exception:  # noqa: BLE001 - a bug here must not take the server down
                 log.exception("serving worker error: failing the requests in flight")
-                self._fail_running(APIError(500, "internal error while decoding", code="internal_error"))
-        shutdown = APIError(503, "the server is shutting down", code="unavailable")
+                self._fail_running(DecodingFailed("internal error while decoding"))
+        shutdown = Unavailable("the server is shutting down")
         self._fail_running(shutdown)
         with self.cond:
             waiting, self.waiting = list(self.waiting), deque()
@@ -172,8 +179,8 @@ class Engine:
         if stale:
             self.metrics.queue_depth.set(len(self.waiting))
 
-    def _timeout_error(self, job: Job) -> APIError:
-        return APIError(504, f"request timed out after {job.timeout_s:g} s", code="timeout")
+    def _timeout_error(self, job: Job) -> EngineError:
+        return RequestTimedOut(job.timeout_s)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -200,8 +207,8 @@ class Engine:
             firsts = self.batch.admit(rows)
         except Exception as e:  # noqa: BLE001 - these requests fail; the running ones go on
             log.exception("prefill failed for %d request(s)", len(jobs))
-            error = APIError(400 if isinstance(e, ValueError) else 500, f"the model could not read this request "
-                             f"({type(e).__name__})", code="prefill_failed")  # fmt: skip
+            why = f"the model could not read this request ({type(e).__name__})"
+            error = UnreadableRequest(why) if isinstance(e, ValueError) else DecodingFailed(why)
             for job in jobs:
                 self._fail(job, error)
             return
@@ -254,7 +261,7 @@ class Engine:
             self._send(job, Event("delta", text=text[job.sent :]))
             job.sent = len(text)
 
-    def _end(self, job: Job, error: APIError | None, finish_reason: str | None = None) -> None:
+    def _end(self, job: Job, error: EngineError | None, finish_reason: str | None = None) -> None:
         """Finish a running job: release its row; deliver done (or the error)."""
         if job in self.running:
             self.running.remove(job)
@@ -273,12 +280,12 @@ class Engine:
         self.metrics.latency.observe(time.monotonic() - job.arrival)
         self._send(job, Event("done", finish_reason=finish_reason, usage=usage))
 
-    def _fail(self, job: Job, error: APIError | None) -> None:
+    def _fail(self, job: Job, error: EngineError | None) -> None:
         job.finished = True
         if error is not None:
             self._send(job, Event("error", error=error))
 
-    def _fail_running(self, error: APIError) -> None:
+    def _fail_running(self, error: EngineError) -> None:
         running, self.running = self.running, []
         self.metrics.running.set(0)
         self.batch.reset()

@@ -42,3 +42,48 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class EngineError(Exception):
+    """What the batching worker reports about a request, in its own terms; ``api_error`` is the
+    one place that turns it into a status code."""
+
+
+class QueueFull(EngineError):
+    def __init__(self, waiting: int, retry_after_s: int):
+        super().__init__(f"the server is busy: {waiting} requests are waiting; retry later")
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(EngineError):
+    """The worker is not running (not started, stopped, or shutting down)."""
+
+
+class RequestTimedOut(EngineError):
+    def __init__(self, timeout_s: float):
+        super().__init__(f"request timed out after {timeout_s:g} s")
+
+
+class UnreadableRequest(EngineError):
+    """The model could not take the request in (its prefill failed on the request's own input)."""
+
+
+class DecodingFailed(EngineError):
+    """A bug while decoding: the requests in flight fail, the server goes on."""
+
+
+def api_error(error: Exception) -> APIError:
+    """A worker's error as OpenAI's error object and status."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, QueueFull):
+        return APIError(429, str(error), code="queue_full", headers={"Retry-After": str(error.retry_after_s)})
+    if isinstance(error, Unavailable):
+        return APIError(503, str(error), code="unavailable")
+    if isinstance(error, RequestTimedOut):
+        return APIError(504, str(error), code="timeout")
+    if isinstance(error, UnreadableRequest):
+        return APIError(400, str(error), code="prefill_failed")
+    if isinstance(error, DecodingFailed):
+        return APIError(500, str(error), code="internal_error")
+    return APIError(500, "internal server error", code="internal_error")

@@ -1,5 +1,5 @@
 """OpenAI chat-completion requests -> what the batching worker decodes: prompt token ids (the
-evaluation's own prompt path: ``tokenize_chat`` with an empty assistant turn), image tensors
+evaluation's own prompt path, ``medcap.data.dataset.prompt_tokens``), image tensors
 through the encoder's eval transform, and the sampling settings.
 
 The schema is OpenAI's (``messages`` with string or part-list content; ``max_tokens``,
@@ -14,95 +14,19 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from torchtune.data import Message
 
-from medcap.data.dataset import tokenize_chat
+from medcap.data.dataset import prompt_tokens
 from medcap.serving.errors import APIError
 from medcap.serving.image_urls import decode_image_url
+from medcap.serving.protocol import ChatCompletionRequest, TextPart
 
 MAX_IMAGES = 8  # per request
-MAX_STOP = 4  # stop strings, as OpenAI
 MAX_INT_DIGITS = 20  # an int64 or uint64 seed has at most 20 digits
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None  # accepted; medcap's encoders have one input size
-
-
-class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _plain_string(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
-
-
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Part] | None = None
-    name: str | None = None
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's ``POST /v1/chat/completions`` body, as far as medcap honours it."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)  # medcap's (and vLLM's) extension
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
-    presence_penalty: float = Field(default=0.0, ge=0, le=0)
-    frequency_penalty: float = Field(default=0.0, ge=0, le=0)
-    logprobs: Literal[False] | None = None
-    tools: list[Any] | None = Field(default=None, max_length=0)
-    response_format: dict[str, Any] | None = None
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> list[str] | None:
-        stops = [value] if isinstance(value, str) else value
-        if stops is not None:
-            if len(stops) > MAX_STOP:
-                raise ValueError(f"at most {MAX_STOP} stop sequences")
-            if any(not s for s in stops):
-                raise ValueError("stop sequences must not be empty")
-        return stops
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError("only response_format type 'text' is supported")
-        return value
 
 
 UNSUPPORTED = {
@@ -239,8 +163,7 @@ def prepare(req: ChatCompletionRequest, ctx: PromptContext) -> Prepared:
     """Tokens, images and sampling settings of a validated request (decodes its images: call it
     off the event loop)."""
     messages, pixels = _messages(req, ctx)
-    prompt, _ = tokenize_chat(ctx.tokenizer, [*messages, Message(role="assistant", content="")],
-                              ctx.num_image_tokens, add_end_tokens=False)  # fmt: skip
+    prompt = prompt_tokens(ctx.tokenizer, messages, ctx.num_image_tokens)
     room = ctx.max_seq_len - len(prompt)
     asked = req.max_completion_tokens or req.max_tokens
     if room < 1 or (asked is not None and asked > room):

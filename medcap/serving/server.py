@@ -1,9 +1,10 @@
 """Config -> loaded model -> the app on uvicorn: ``medcap serve`` and, for tests and benchmarks,
 ``BackgroundServer`` (the same app in a thread of this process, on a free loopback port).
 
-The model comes from the generate recipe's keys through ``medcap.models.assembly.build_model``:
-``model`` + ``checkpointer`` + ``tokenizer``, the vision keys, ``device``, ``dtype``, ``seed`` and
-``vision_checkpoint`` (a glob serves its last match, in epoch order: ``meta_model_*.pt``).
+The model comes from the generate recipe's keys through ``medcap.models.assembly.load_for_inference``
+(as evaluation loads it): ``model`` + ``checkpointer`` + ``tokenizer``, the vision keys,
+``device``, ``dtype``, ``seed`` and ``vision_checkpoint`` (a glob serves its last match, in epoch
+order: ``meta_model_*.pt``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import uvicorn
-from omegaconf import DictConfig, ListConfig
-from torchtune import config, training
+from omegaconf import DictConfig
 
-from medcap.evaluation.runner import expand_checkpoints
-from medcap.models import assembly
-from medcap.recipe_keys import GENERATE, check_keys
+from medcap.models.assembly import load_for_inference
+from medcap.models.checkpoints import latest_checkpoint
 from medcap.serving.app import ModelInfo, Served, create_app
 from medcap.serving.engine import Engine
 from medcap.serving.metrics import Metrics
@@ -29,38 +27,19 @@ from medcap.serving.requests import PromptContext
 from medcap.serving.settings import ServeSettings
 
 log = logging.getLogger("medcap.serve")
-SERVE = GENERATE | ServeSettings.keys()
-
-
-def pick_checkpoint(spec: Any) -> Path | None:
-    """One vision checkpoint: a file, or a glob's last match (the latest epoch); a list is an error."""
-    if isinstance(spec, (list, tuple, ListConfig)) and len(spec) != 1:
-        raise ValueError(f"vision_checkpoint: serve takes one checkpoint (a file or a glob), not a list of {len(spec)}")
-    found = expand_checkpoints(spec)
-    if len(found) > 1:
-        log.info("vision_checkpoint=%s matches %d files: serving the last, %s", spec, len(found), found[-1])
-    ckpt = found[-1]
-    if ckpt is not None and not ckpt.is_file():
-        raise FileNotFoundError(f"vision_checkpoint={ckpt}: file not found")
-    return ckpt
 
 
 def load(cfg: DictConfig) -> Served:
     """Everything ``create_app`` needs, from a generate-recipe config plus the serving keys."""
-    check_keys(cfg, SERVE, "serve")
-    settings = ServeSettings.from_config(cfg)
+    settings = ServeSettings.from_config(cfg, "serve")
     settings.check_exposure()
-    device = torch.device(cfg.get("device", "cuda"))
-    dtype = assembly.resolve_precision(device, cfg.get("dtype", "bf16"))
-    training.set_seed(seed=cfg.get("seed"))  # an untrained encoder gets the evaluation's random weights
-    tokenizer = config.instantiate(cfg.tokenizer)
-    ckpt = pick_checkpoint(cfg.get("vision_checkpoint"))
-    # as in evaluation: the LLM in ``dtype``, the vision side fp32 under autocast (the worker's)
-    model = assembly.build_model(cfg, tokenizer, dtype, vision_checkpoint=ckpt)
-    model.to(device).eval()
-    if cfg.get("compile"):  # continuous batches change size every few steps: each size would recompile
+    ckpt = latest_checkpoint(settings.vision_checkpoint)
+    if settings.compile:  # continuous batches change size every few steps: each size would recompile
         log.warning("compile=True is the generate recipe's; medcap serve decodes eagerly")
-    llm = Path(str(cfg.checkpointer.get("checkpoint_dir", "llm"))).name
+    # as in evaluation: the LLM in ``dtype``, the vision side fp32 under autocast (the worker's)
+    loaded = load_for_inference(settings, ckpt)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    llm = Path(str(settings.checkpointer.get("checkpoint_dir", "llm"))).name
     name = settings.model_name or f"medcap-{llm}" + (f"-{ckpt.stem}" if ckpt else "")
     preprocess = model.visual.preprocess
     info = ModelInfo(
@@ -70,14 +49,14 @@ def load(cfg: DictConfig) -> Served:
     )  # fmt: skip
     context = PromptContext(
         tokenizer=tokenizer, num_image_tokens=model.num_image_tokens, transform=preprocess.transform(),
-        max_seq_len=int(model.decoder.max_seq_len), default_max_tokens=int(settings.max_new_tokens),
-        default_temperature=float(settings.temperature or 0.0), default_top_k=settings.top_k,
-        image_root=settings.image_root, max_image_pixels=int(settings.max_image_pixels),
+        max_seq_len=int(model.decoder.max_seq_len), default_max_tokens=settings.max_new_tokens,
+        default_temperature=settings.temperature, default_top_k=settings.top_k,
+        image_root=settings.image_root, max_image_pixels=settings.max_image_pixels,
     )  # fmt: skip
     metrics = Metrics()
     engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                     batch_wait_ms=settings.batch_wait_ms, retry_after_s=settings.retry_after_s, seed=settings.seed,
-                    metrics=metrics)  # fmt: skip
+                    metrics=metrics, step=loaded.step)  # fmt: skip
     return Served(engine, context, settings, info, metrics)
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import draw_jpeg
+from helpers import draw_jpeg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serving import chat, data_url, image_body, no_ambient_key, post, server, ws  # noqa: F401
+from serving_helpers import chat, image_body, post
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -43,7 +43,7 @@ def metric(url: str, status: str) -> float:
     return 0.0
 
 
-def test_numbers_and_nesting_no_parser_can_hold_are_400s(server):  # noqa: F811
+def test_numbers_and_nesting_no_parser_can_hold_are_400s(server):
     url = server.url
     huge = "9" * 5000
     err = error(raw(url, f'{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": {huge}}}'.encode()))
@@ -60,7 +60,7 @@ def test_numbers_and_nesting_no_parser_can_hold_are_400s(server):  # noqa: F811
     assert post(url, chat("Still serving?", max_tokens=2)).status_code == 200
 
 
-def test_file_urls_that_cannot_be_resolved_are_400s(server, ws):  # noqa: F811
+def test_file_urls_that_cannot_be_resolved_are_400s(server, ws):
     url, images = server.url, ws["images"]
     loops = images / "loops"
     loops.mkdir(exist_ok=True)
@@ -75,7 +75,7 @@ def test_file_urls_that_cannot_be_resolved_are_400s(server, ws):  # noqa: F811
     assert post(url, image_body("file:scan0.png")).status_code == 200
 
 
-def test_a_client_gone_mid_body_is_a_499_without_a_traceback(server, caplog):  # noqa: F811
+def test_a_client_gone_mid_body_is_a_499_without_a_traceback(server, caplog):
     url = server.url
     caplog.set_level(logging.DEBUG, logger="medcap.serve")
     before_499, before_500 = metric(url, "499"), metric(url, "500")
@@ -164,7 +164,7 @@ RAW_VALUES = ["9" * 5000, "-" + "1" * 30, "[" * 5000 + "]" * 5000, "1e999", "-0"
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(bodies(), st.none() | st.sampled_from(RAW_VALUES))
-def test_fuzzed_requests_never_get_a_5xx(server, body, raw_value):  # noqa: F811
+def test_fuzzed_requests_never_get_a_5xx(server, body, raw_value):
     text = json.dumps(body, allow_nan=True)
     if raw_value is not None and isinstance(body, dict) and body.get("max_tokens") == 2:
         text = text.replace('"max_tokens": 2', f'"max_tokens": {raw_value}', 1)
@@ -175,6 +175,6 @@ def test_fuzzed_requests_never_get_a_5xx(server, body, raw_value):  # noqa: F811
 
 
 @pytest.fixture(scope="module", autouse=True)
-def still_serving(server):  # noqa: F811
+def still_serving(server):
     yield
     assert post(server.url, chat("Still serving?", max_tokens=2)).status_code == 200
