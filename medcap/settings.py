@@ -215,6 +215,7 @@ class TrainSettings(ModelSettings):
     enable_activation_checkpointing: bool = False
     image_augment: Component = None  # open_clip's AugmentationCfg fields
     verify_frozen_llm: bool = False
+    save_initial_checkpoint: bool = False  # initial_vision.pt: the vision side at step 0
     metric_logger: Component = None
     log_every_n_steps: int = 1
 
@@ -242,6 +243,7 @@ class GenerateSettings(ModelSettings):
     dataset_max_seq_len: int | None = None  # longer prompts are skipped and counted
     vqa_mode: str = "describe_then_answer"
     answer_types: Any = None  # VQA answer types to keep (OPEN / CLOSED); None: all
+    question_suffix: str | None = None  # appended to every VQA question, as harnesses do ("\nAnswer ... phrase.")
     eval_split: str | None = None
     eval_vqa: bool = False  # the original's in-process judge
     limit: int | None = None

@@ -21,6 +21,7 @@ from medcap.models.fusion import MedcapModel
 
 log = logging.getLogger("medcap")
 RECIPE_STATE = "recipe_state.pt"
+INITIAL_CHECKPOINT = "initial_vision.pt"  # save_initial_checkpoint=True: the vision side at step 0
 BNB_PREFIX = "bitsandbytes."
 
 

@@ -36,6 +36,7 @@ from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoi
 from medcap.models.fusion import count_parameters, frozen_fingerprint
 from medcap.settings import TrainSettings
 from medcap.training import (
+    INITIAL_CHECKPOINT,
     RECIPE_STATE,
     build_dataset,
     build_optimizer,
@@ -189,6 +190,8 @@ class VisionFinetuneRecipe:
     def train(self) -> None:
         self.model.train()
         start_time = time.perf_counter()
+        if self.settings.save_initial_checkpoint and self.global_step == 0 and self.batches_done == 0:
+            self.save_initial()
         for epoch in range(self.epoch, self.epochs):
             self.epoch = epoch
             self.sampler.set_epoch(epoch)
@@ -322,6 +325,17 @@ class VisionFinetuneRecipe:
             path = atomic_save(payload, self.output_dir / f"meta_model_{epoch}.pt")
             self._print(f"saved {path}")
         self.save_recipe_state(states, epoch=epoch + 1)
+
+    def save_initial(self) -> None:
+        """``initial_vision.pt``: the vision side as training starts (its seeded initialisation,
+        or the pretrained weights), so "trained vs untrained" compares like with like. Not a
+        ``meta_model_*.pt``: evaluating ``meta_model_*.pt`` never picks it up."""
+        states = self._trainable_states()
+        if self.is_rank_zero:
+            payload = vision_checkpoint_payload(
+                self.model, epoch=-1, step=0, config=config_as_dict(self.cfg), states=states
+            )
+            self._print(f"saved {atomic_save(payload, self.output_dir / INITIAL_CHECKPOINT)}")
 
     def save_recipe_state(self, states: tuple[dict, dict] | None = None, epoch: int | None = None) -> None:
         states = states or self._trainable_states()

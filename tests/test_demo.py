@@ -69,8 +69,8 @@ def test_second_run_reuses_data_and_llm(demo_run, capfd):
     timings: dict[str, float] = {}
     prepare(paths, timings)
     out = capfd.readouterr().out
-    assert "already built (reused)" in out and "already converted (reused)" in out
-    assert set(timings) == {"convert_llm"}
+    assert "already built (reused)" in out and "already converted (reused)" in out  # the mini SLAKE, the LLM
+    assert set(timings) == {"convert_dataset", "convert_llm"}  # the ShareGPT files follow the converters
 
 
 def test_probe_section_says_whether_training_improved_the_features(demo_run):
@@ -80,7 +80,8 @@ def test_probe_section_says_whether_training_improved_the_features(demo_run):
     probe = json.loads((paths.root / "summary.json").read_text())["probe"]
     assert set(probe) == {"Modality", "Plane", "Organ"}
     for section in probe.values():
-        assert set(section["encoders"]) == {"trained (meta_model_0)", "untrained (random init)", "pixel baseline"}
+        assert set(section["encoders"]) == {"trained", "step 0 (training's own initialisation)",
+                                            "untrained (another random init)", "pixel baseline"}
         for m in section["encoders"].values():
             acc = m["accuracy"]
             assert 0.0 <= acc["ci_low"] <= acc["value"] <= acc["ci_high"] <= 1.0
@@ -90,3 +91,26 @@ def test_probe_section_says_whether_training_improved_the_features(demo_run):
         assert section["n_test"] > 0 and section["n_train"] > section["n_test"] // 2
     assert "Does training against the frozen LLM give better image features?" in (paths.root / "report.html").read_text()
     assert (paths.root / "probe" / "modality" / "probe.json").is_file()
+
+
+def test_image_reading_is_measured_beside_what_needs_no_image(demo_run):
+    """The blind answerer, the most common answer, the image swap and the harness's wording, with
+    the targets; the training questions were half in harness wordings, test ones never."""
+    paths, summary = demo_run
+    on_disk = json.loads((paths.root / "summary.json").read_text())
+    reading = on_disk["image_reading"]
+    assert reading["closed_vs_blind"]["n"] == summary["trained"]["closed_n"]
+    assert reading["image_swap"]["baseline"] in (0.0, None) or reading["image_swap"]["n"] == 0
+    harness = on_disk["harness_prompt"]
+    assert harness["n"] == 6 and harness["suffix"].startswith("\nAnswer the question using a single word")
+    asked = (paths.eval_dir("trained_harness_prompt")).glob("test_out_slake_meta_model_*.csv")
+    assert "single word or phrase" in next(asked).read_text()
+    assert set(on_disk["targets"]) >= {"closed_beats_blind_by_0.15", "image_swap_above_blind",
+                                       "harness_prompt_within_0.05", "probe_at_or_above_step0"}
+    train = json.loads((paths.data / "slake_vqa_train.json").read_text())
+    test = json.loads((paths.data / "slake_vqa_test.json").read_text())
+    worded = [r for r in train if "single word or phrase" in r["conversations"][0]["value"]]
+    assert 0 < len(worded) < len(train)
+    assert not any("single word or phrase" in r["conversations"][0]["value"] for r in test)
+    assert (paths.checkpoints / "initial_vision.pt").is_file()
+    assert "Does the model read the image?" in (paths.root / "report.html").read_text()

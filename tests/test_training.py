@@ -227,7 +227,8 @@ def test_copied_recipe_is_editable_and_runs(workspace, tmp_path):
 
 
 def test_recipe_changes_only_the_vision_side(workspace, tmp_path):
-    """In process: every LLM tensor is bitwise unchanged after training; every trainable one moved."""
+    """In process: every LLM tensor is bitwise unchanged after training; every trainable one moved;
+    ``initial_vision.pt`` holds the trainables exactly as training started (not a ``meta_model_*``)."""
     from omegaconf import OmegaConf
 
     from medcap.cli import load_recipe
@@ -241,6 +242,7 @@ def test_recipe_changes_only_the_vision_side(workspace, tmp_path):
         "optimizer.lr=1e-2",
         "batch_size=3",
         "gradient_accumulation_steps=2",
+        "save_initial_checkpoint=True",
     )[4:]
     cfg = OmegaConf.merge(
         OmegaConf.load(ROOT / "recipes" / "configs" / "llama3" / "8B_full_single_device.yaml"),
@@ -265,6 +267,19 @@ def test_recipe_changes_only_the_vision_side(workspace, tmp_path):
         if p.requires_grad and not torch.equal(p, trainable_before[n])
     ]
     assert len(moved) == len(trainable_before)
+    from medcap.models.checkpoints import expand_checkpoints
+
+    initial = torch.load(tmp_path / "inproc" / "checkpoint" / "initial_vision.pt", weights_only=True)
+    assert initial["medcap"]["step"] == 0
+    for part in ("visual", "projector"):
+        saved = initial[part]
+        start = {n.split(".", 1)[1]: p for n, p in trainable_before.items() if n.startswith(part + ".")}
+        # the checkpoint holds the tower's state (visual.tower.* -> visual's keys)
+        assert len(saved) == len(start) and all(
+            torch.equal(v, start.get(k, start.get(f"tower.{k}"))) for k, v in saved.items()
+        )
+    checkpoints = expand_checkpoints(str(tmp_path / "inproc" / "checkpoint" / "meta_model_*.pt"))
+    assert [c.name for c in checkpoints] == ["meta_model_0.pt"]
 
 
 def test_fsdp2_two_processes_train_and_checkpoint_loads_single_process(workspace, tmp_path):

@@ -1,7 +1,14 @@
 #!/usr/bin/env python
 """SLAKE VQA (train.json, validate.json or validation.json, test.json) -> slake_vqa_{train,val,test}.json."""
 
-from medcap.data.sources import convert_splits, converter_args, exit_on_source_error, read_slake
+from medcap.data.sources import (
+    add_question_styles_arg,
+    convert_splits,
+    converter_args,
+    exit_on_source_error,
+    read_slake,
+    styled,
+)
 
 
 def main(argv=None):
@@ -9,9 +16,11 @@ def main(argv=None):
     parser.add_argument(
         "--lang", default="en", choices=["en", "zh", "all"], help="question language (default en)"
     )
+    add_question_styles_arg(parser)
     args = parser.parse_args(argv)
     lang = None if args.lang == "all" else args.lang
-    convert_splits("slake_vqa", lambda s: read_slake(args.data_dir, s, lang), args.output_dir, args.strict)
+    read = styled(lambda s: read_slake(args.data_dir, s, lang), args.question_styles)
+    convert_splits("slake_vqa", read, args.output_dir, args.strict)
 
 
 if __name__ == "__main__":

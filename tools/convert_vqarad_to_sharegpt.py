@@ -5,14 +5,22 @@ Test is the official split: phrase_type test_freeform or test_para. (The origina
 vqarad_{train,test}.json are VQA-RAD-text captions: convert_vqarad_text_to_sharegpt.py.)
 """
 
-from medcap.data.sources import convert_splits, converter_args, exit_on_source_error, read_vqarad
+from medcap.data.sources import (
+    add_question_styles_arg,
+    convert_splits,
+    converter_args,
+    exit_on_source_error,
+    read_vqarad,
+    styled,
+)
 
 
 def main(argv=None):
-    args = converter_args(__doc__, "./datasets/VQA_RAD").parse_args(argv)
-    convert_splits(
-        "vqarad_vqa", lambda s: read_vqarad(args.data_dir, s), args.output_dir, args.strict, ("train", "test")
-    )
+    parser = converter_args(__doc__, "./datasets/VQA_RAD")
+    add_question_styles_arg(parser)
+    args = parser.parse_args(argv)
+    read = styled(lambda s: read_vqarad(args.data_dir, s), args.question_styles)
+    convert_splits("vqarad_vqa", read, args.output_dir, args.strict, ("train", "test"))
 
 
 if __name__ == "__main__":

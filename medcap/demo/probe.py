@@ -12,44 +12,38 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import bootstrap
 
+from medcap.demo.stats import paired_interval, verdict
 from medcap.probing import run_probe
 
 LABEL_KINDS = {"Modality": "modality", "Plane": "plane", "Organ": "body part"}
-NAMES = {"random": "untrained (random init)", "pixels": "pixel baseline"}
+TRAINED, INITIAL = "trained", "step 0"
+NAMES = {TRAINED: "trained", INITIAL: "step 0 (training's own initialisation)", "random": "untrained (another random init)",
+         "pixels": "pixel baseline"}  # fmt: skip
 
 
 def paired_difference(result: dict[str, Any], a: str, b: str, seed: int = 0) -> dict[str, float]:
     """Accuracy of ``a`` minus that of ``b`` on the same test images, with its 95% interval."""
     y = np.asarray(result["test_labels"])
     right = {n: np.asarray(result["results"][n]["logreg"]["predictions"]) == y for n in (a, b)}
-    diff = float(right[a].mean() - right[b].mean())
-    if np.all(right[a] == right[b]):
-        return {"value": diff, "ci_low": diff, "ci_high": diff}
-    ci = bootstrap((right[a].astype(float), right[b].astype(float)), lambda p, q: p.mean() - q.mean(), paired=True,
-                   vectorized=False, n_resamples=2000, method="percentile", random_state=seed).confidence_interval  # fmt: skip
-    return {"value": diff, "ci_low": float(ci.low), "ci_high": float(ci.high)}
+    return paired_interval(right[a], right[b], seed)
 
 
-def verdict(diff: dict[str, float]) -> str:
-    if diff["ci_low"] > 0:
-        return "better"
-    if diff["ci_high"] < 0:
-        return "worse"
-    return "no clear difference"
-
-
-def probe_demo(slake: Path, checkpoint: Path, output_dir: Path, vision: str = "vit_tiny") -> dict[str, Any]:
+def probe_demo(slake: Path, checkpoint: Path, output_dir: Path, vision: str = "vit_tiny",
+               initial: Path | None = None) -> dict[str, Any]:
     """Per label kind: each encoder's logistic-regression accuracy and balanced accuracy with
-    intervals, and the trained encoder against each baseline (paired)."""
+    intervals, and the trained encoder against each baseline (paired). ``initial`` (training's
+    ``initial_vision.pt``) is the exact initialisation the trained encoder started from."""
+    encoders: list[Any] = [{"name": TRAINED, "vision_checkpoint": str(checkpoint), "vision": vision}]
+    if initial is not None:
+        encoders.append({"name": INITIAL, "vision_checkpoint": str(initial), "vision": vision})
     out: dict[str, Any] = {}
     for kind, words in LABEL_KINDS.items():
         # a body part seen only in test images (one study) cannot be learnt: left out, and counted
-        result = run_probe([str(checkpoint)], slake, output_dir / kind.lower(), label_kind=kind, vision=vision,
+        result = run_probe(encoders, slake, output_dir / kind.lower(), label_kind=kind, vision=vision,
                            unseen_test_classes="drop", progress=False, figure=True)  # fmt: skip
-        names = {n: NAMES.get(e["kind"], f"trained ({n})") for n, e in result["encoders"].items()}
-        trained = next(n for n, e in result["encoders"].items() if e["kind"] == "checkpoint")
+        names = {n: NAMES.get(n, NAMES.get(e["kind"], n)) for n, e in result["encoders"].items()}
+        trained = TRAINED
         section = {
             "label": words,
             "classes": result["labels"]["classes"],
@@ -105,4 +99,5 @@ def probe_html(probe: dict[str, Any]) -> str:
             '<p class="muted">Logistic regression on each encoder\'s pooled features (C chosen by grouped '
             "cross-validation on the training images), scored on the held-out test images; 95% bootstrap "
             "intervals over test images; the differences are paired (the same test images for both encoders). "
-            "The untrained encoder is a seeded random initialisation of the same architecture.</p>")  # fmt: skip
+            "Step 0 is the exact initialisation training started from (initial_vision.pt); the other "
+            "untrained encoder a seeded random initialisation of the same architecture.</p>")  # fmt: skip

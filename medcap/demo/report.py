@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from medcap.data.sources import read_slake
+from medcap.demo.image_reading import (
+    BlindAnswerer,
+    harness_prompt,
+    image_reading,
+    reading_html,
+    reading_lines,
+    verdicts,
+)
 from medcap.demo.probe import probe_html, probe_lines
 from medcap.demo.slake import MODALITY_WORDS, PLANE_NAMES, modality_question, plane_question
 from medcap.evaluation.vqa import closed_correct, first_word, is_yes_no, normalize_answer, score_item
@@ -345,6 +353,7 @@ model compares at all.
 Closed answers are right when the first word is the gold yes/no; open recall is the share of the
 gold answer's words found in the answer (LLaVA-Med's measure). Captions: pycocoevalcap (SPICE skipped).
 Greedy decoding. Total run {summary['seconds'].get('total', 0):.0f} s.</p>
+{reading_html(summary) if "image_reading" in summary else ""}
 {probe_section(summary.get("probe"))}
 <h2>Held-out test images</h2>
 {gallery(baseline, trained)}
@@ -354,7 +363,7 @@ Greedy decoding. Total run {summary['seconds'].get('total', 0):.0f} s.</p>
 
 
 def write_report(paths: Any, baseline: dict[str, Any], trained: dict[str, Any], timings: dict[str, float],
-                 probe: dict[str, Any] | None = None) -> dict:  # fmt: skip
+                 probe: dict[str, Any] | None = None, harness: dict[str, Any] | None = None) -> dict:  # fmt: skip
     """summary.json, summary.png and report.html under ``paths.root``; prints the table."""
     history = loss_history(paths.checkpoints)
     frozen = paths.trained / "frozen_llm.json"
@@ -377,10 +386,16 @@ def write_report(paths: Any, baseline: dict[str, Any], trained: dict[str, Any], 
         "probe": probe or {},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
+    rows = list(trained["outputs"].rows("slake").values())
+    summary["image_reading"] = image_reading(rows, BlindAnswerer.from_slake(paths.slake))
+    if harness is not None:
+        summary["harness_prompt"] = harness_prompt(rows, list(harness["outputs"].rows("slake").values()), harness["suffix"])
+    summary["targets"] = verdicts(summary["image_reading"], summary.get("harness_prompt"), probe)
     atomic_write_json(paths.root / "summary.json", summary, indent=2)
     figure = summary_figure(summary, history, paths.root / "summary.png")
     report = write_html(paths.root / "report.html", summary, figure, baseline, trained)
     print("\n" + metrics_table(summary))
+    print("\n".join(reading_lines(summary)))
     if probe:
         print("\n".join(probe_lines(probe)))
     print(f"\nLLM weights: {'bitwise unchanged' if summary['training']['llm_unchanged'] else 'CHANGED'}")

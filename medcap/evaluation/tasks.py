@@ -68,14 +68,19 @@ def caption_items(source: str | Path) -> list[EvalItem]:
     return items
 
 
-def vqa_items(kind: str, root: str | Path, answer_types: list[str], split: str = "test") -> list[EvalItem]:
-    """``split`` "val" answers the validation questions: tune there, report on test."""
+def vqa_items(
+    kind: str, root: str | Path, answer_types: list[str], split: str = "test", question_suffix: str | None = None
+) -> list[EvalItem]:
+    """``split`` "val" answers the validation questions: tune there, report on test.
+    ``question_suffix`` asks each question as a harness would (lmms-eval appends "\nAnswer the
+    question using a single word or phrase."); the CSV's instruction column shows it."""
     reader = {"slake": read_slake, "vqarad": read_vqarad}[kind]
     wanted = {t.strip().upper() for t in answer_types}
     out = []
     for i, it in enumerate(reader(root, split)):
         if it.extra["answer_type"] in wanted:
-            out.append(EvalItem(i, it.image, [user_message(it.image, it.prompt)], it.answer, it.extra))
+            prompt = it.prompt + (question_suffix or "")
+            out.append(EvalItem(i, it.image, [user_message(it.image, prompt)], it.answer, it.extra))
     return out
 
 
@@ -155,6 +160,11 @@ class VQATask(Task):
         )
 
 
+def question_suffix(text: str | None) -> str | None:
+    """A command line cannot carry a line break (OmegaConf strips it): ``\\n`` stands for one."""
+    return None if text is None else text.replace("\\n", "\n")
+
+
 def tasks_from_settings(settings: Any) -> list[Task]:
     """``test_metrics`` (captions of ``dataset_source``), ``test_slake`` / ``test_vqarad`` (the
     dataset root's ``eval_split`` questions of ``answer_types``), each cut to ``limit`` items.
@@ -175,7 +185,8 @@ def tasks_from_settings(settings: Any) -> list[Task]:
         raise ValueError("eval_split=val: VQA-RAD has no validation split (hold one out of its training questions)")
     for kind in VQA_KINDS:
         if getattr(s, f"test_{kind}"):
-            tasks.append(VQATask(kind, vqa_items(kind, s.dataset_source, answer_types, split), two_turn))
+            items = vqa_items(kind, s.dataset_source, answer_types, split, question_suffix(s.question_suffix))
+            tasks.append(VQATask(kind, items, two_turn))
     if not tasks:
         raise ValueError("nothing to evaluate: set test_metrics=True, test_slake=True or test_vqarad=True")
     return [task.limit(s.limit) for task in tasks]

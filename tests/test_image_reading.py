@@ -1,0 +1,125 @@
+"""The demo's image-reading measures (medcap/demo/image_reading.py) on synthetic answers whose
+right figures are known, the harness wordings of the training questions, and the harness
+suffix at evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medcap.data.sources import HARNESS_SUFFIX, QUESTION_STYLES, Item, styled, vary_questions
+from medcap.demo.image_reading import BlindAnswerer, harness_prompt, image_reading, swap_pairs, verdicts
+from medcap.demo.probe import INITIAL, NAMES
+
+MODALITY_Q = "What modality is used to take this image?"
+MRI_Q = "Is this an MRI?"
+
+
+def row(index: int, image: str, question: str, gold: str, answer: str, answer_type: str, content: str) -> dict:
+    return {"index": str(index), "image": image, "instruction": question, "output": gold, "generated": answer,
+            "answer_type": answer_type, "content_type": content}  # fmt: skip
+
+
+def test_table(images_right: bool) -> list[dict]:
+    """Four images, two MRI and two CT; each asked the open modality question and "Is this an MRI?"."""
+    rows, k = [], 0
+    for i, modality in enumerate(["MRI", "CT", "MRI", "CT"]):
+        said = modality if images_right else "MRI"
+        rows.append(row(k, f"img{i}.png", MODALITY_Q, modality, said, "OPEN", "Modality"))
+        rows.append(row(k + 1, f"img{i}.png", MRI_Q, "Yes" if modality == "MRI" else "No",
+                        "Yes" if said == "MRI" else "No", "CLOSED", "Modality"))  # fmt: skip
+        k += 2
+    return rows
+
+
+test_table.__test__ = False  # a helper, not a test
+
+TRAIN = [(MODALITY_Q, "MRI", "OPEN"), (MODALITY_Q, "MRI", "OPEN"), (MODALITY_Q, "CT", "OPEN"),
+         (MRI_Q, "Yes", "CLOSED"), (MRI_Q, "No", "CLOSED")]  # fmt: skip
+
+
+def test_swap_pairs_need_the_same_question_different_images_and_golds():
+    pairs = swap_pairs(test_table(True))
+    # per question: MRI/CT images pair up across modalities only: 2 x 2 pairs, for both questions
+    assert len(pairs) == 8
+    assert all(a["instruction"] == b["instruction"] and a["image"] != b["image"] and a["output"] != b["output"]
+               for a, b in pairs)  # fmt: skip
+
+
+def test_a_reader_earns_the_swap_pairs_a_blind_answerer_cannot():
+    blind = BlindAnswerer(TRAIN)
+    reader = image_reading(test_table(True), blind)
+    assert reader["image_swap"]["model"] == 1.0
+    assert reader["image_swap"]["baseline"] == 0.0  # one answer per question text: never both right
+    assert reader["closed_vs_blind"]["model"] == 1.0
+    # the blind answerer's tie (Yes once, No once) counts half on every closed question
+    assert reader["closed_vs_blind"]["baseline"] == 0.5
+    constant = image_reading(test_table(False), blind)  # always says MRI: what the question alone gives
+    assert constant["image_swap"]["model"] == 0.0
+    cell = constant["by_content_type"]["Modality"]["open"]
+    assert cell["model"] == 0.5 and cell["most_common"] == 0.5  # MRI and CT tie; the first by name is "ct"
+    assert cell["model_minus_most_common"]["value"] == 0.0
+
+
+def test_verdicts_follow_the_intervals():
+    blind = BlindAnswerer(TRAIN)
+    big = test_table(True) * 10  # more items: the intervals narrow
+    for k, r in enumerate(big):
+        r["index"] = str(k)
+    good = verdicts(image_reading(big, blind), None, None)
+    assert good["closed_beats_blind_by_0.15"] and good["image_swap_above_blind"]
+    assert good["open_modality_beats_most_common"] is True and good["open_plane_beats_most_common"] is None
+    bad = verdicts(image_reading(test_table(False), blind), None, None)
+    assert not bad["closed_beats_blind_by_0.15"] and not bad["image_swap_above_blind"]
+    assert bad["open_modality_beats_most_common"] is False
+    step0 = NAMES[INITIAL]
+    probe = {"Modality": {"trained_minus": {step0: {"value": 0.1, "ci_low": 0.02, "ci_high": 0.2}}},
+             "Plane": {"trained_minus": {step0: {"value": -0.1, "ci_low": -0.3, "ci_high": 0.1}}}}  # fmt: skip
+    v = verdicts(image_reading(big, blind), None, probe)
+    assert v["probe_above_step0_somewhere"] and not v["probe_at_or_above_step0"]
+
+
+def test_harness_prompt_pairs_the_same_questions():
+    own = test_table(True)
+    asked = [dict(r, instruction=r["instruction"] + HARNESS_SUFFIX) for r in test_table(True)]
+    asked[1]["generated"] = "MRI"  # "Is this an MRI?" answered with the modality's name
+    h = harness_prompt(own, asked, HARNESS_SUFFIX)
+    assert h["n"] == 8 and h["changed_answers"] == 1
+    assert h["closed"]["model"] == 0.75 and h["closed"]["baseline"] == 1.0
+    assert verdicts(image_reading(own, BlindAnswerer(TRAIN)), h, None)["harness_prompt_within_0.05"] is False
+
+
+def test_question_styles_vary_half_of_the_training_questions_only():
+    items = [Item(Path(f"{i}.png"), f"Question {i}?", "yes") for i in range(400)]
+    varied = vary_questions(items)
+    assert varied == vary_questions(items)  # seeded: the same file every run
+    changed = [v for it, v in zip(items, varied) if v.prompt != it.prompt]
+    assert 150 < len(changed) < 250
+    assert all(any(s.format(q=it.prompt) == v.prompt for s in QUESTION_STYLES) for it, v in zip(items, varied)
+               if v.prompt != it.prompt)  # fmt: skip
+    assert any(v.prompt.endswith(HARNESS_SUFFIX) for v in changed)
+    read = styled(lambda split: list(items), True)
+    assert read("train") == varied and read("test") == items and read("val") == items
+
+
+def test_question_suffix_asks_as_the_harness_does(tmp_path):
+    from medcap.evaluation.tasks import question_suffix, vqa_items
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "test.json").write_text(json.dumps([
+        {"img_name": "a.png", "question": MRI_Q, "answer": "Yes", "q_lang": "en", "answer_type": "CLOSED"}]))  # fmt: skip
+    suffix = question_suffix("\\nAnswer the question using a single word or phrase.")
+    assert suffix == HARNESS_SUFFIX
+    [item] = vqa_items("slake", tmp_path, ["CLOSED"], "test", suffix)
+    assert item.instruction == MRI_Q + HARNESS_SUFFIX
+    [plain] = vqa_items("slake", tmp_path, ["CLOSED"], "test")
+    assert plain.instruction == MRI_Q
+
+
+@pytest.mark.parametrize("text", [None, "plain"])
+def test_question_suffix_without_escapes_is_unchanged(text):
+    from medcap.evaluation.tasks import question_suffix
+
+    assert question_suffix(text) == text
