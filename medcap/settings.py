@@ -25,6 +25,7 @@ from typing import Annotated, Any, TypeVar
 import torch
 
 from medcap.errors import ConfigError, MedcapError
+from medcap.evaluation.protocols import resolve as resolve_protocols
 
 log = logging.getLogger("medcap")
 S = TypeVar("S", bound="RecipeSettings")
@@ -249,9 +250,13 @@ class GenerateSettings(ModelSettings):
     prompt: str | None = None
     compile: bool = False
     two_turn_cache: bool = True
+    # VQA scoring protocols reported beside medcap's own (medcap, lmms_eval, multimedeval, medevalkit,
+    # llava_med; docs/protocols.md): a list or comma-separated names; None: every rule-based one
+    protocols: Any = None
 
     def check(self) -> None:
         super().check()
+        resolve_protocols(self.protocols)
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"batch_size={self.batch_size}, max_new_tokens={self.max_new_tokens}: expected at least 1")
         if self.temperature < 0:

@@ -18,7 +18,7 @@ import re
 
 from medcap.evaluation.vqa import ARTICLES, CONTRACTIONS, NUMBER_WORDS
 
-_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")  # fmt: skip
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _FULL_STOP = re.compile(r"\.(?!\d)")
 _CONTRACTIONS = {k: v for k, v in CONTRACTIONS.items() if k not in {"im", "ive", "id've", "i'dve"}}
