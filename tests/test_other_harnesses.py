@@ -168,11 +168,13 @@ def test_lmms_eval_against_medcap_serve(slake, tmp_path, tiny_server):
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert len(samples) == written["questions"]
 
-    docs = {d["qid"]: d for d in map(json.loads, written["data"].read_text().splitlines())}
+    docs = [json.loads(line) for line in written["data"].read_text().splitlines()]  # lmms-eval's doc_id order
     rows = []
-    for s in samples:
-        doc = docs[str(s["doc"]["qid"])]
-        answer = s["filtered_resps"][0] if isinstance(s["filtered_resps"][0], str) else s["filtered_resps"][0][0]
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        doc = docs[s["doc_id"]]
+        assert s["target"] == doc["answer"]
+        answer = s["filtered_resps"]
+        answer = answer if isinstance(answer, str) else answer[0] if isinstance(answer[0], str) else answer[0][0]
         rows.append({"prediction": answer, "answer": doc["answer"], "answer_type": doc["answer_type"]})
         # the answer lmms-eval scored is the server's answer to that question and image
         png = io.BytesIO()
