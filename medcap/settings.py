@@ -251,9 +251,15 @@ class GenerateSettings(ModelSettings):
     prompt: str | None = None
     compile: bool = False
     two_turn_cache: bool = True
+    # VQA scoring protocols reported beside medcap's own (medcap, lmms_eval, multimedeval, medevalkit,
+    # llava_med; docs/protocols.md): a list or comma-separated names; None: every rule-based one
+    protocols: Any = None
 
     def check(self) -> None:
         super().check()
+        from medcap.evaluation import protocols  # imported here: settings stay below the rooms
+
+        protocols.resolve(self.protocols)
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"batch_size={self.batch_size}, max_new_tokens={self.max_new_tokens}: expected at least 1")
         if self.temperature < 0:

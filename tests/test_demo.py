@@ -41,6 +41,8 @@ def test_summary_has_both_models_and_the_reference_rates(demo_run):
         # every yes/no question follows its image's open question of the same content type
         assert metrics["yes_no_implied_n"] == metrics["closed_yes_no_n"] > 0
         assert 0.0 <= metrics["yes_no_implied_accuracy"] <= 1.0 and 0.0 <= metrics["yes_no_agreement"] <= 1.0
+        assert set(metrics["protocols"]) == {"medcap", "lmms_eval", "multimedeval", "medevalkit", "llava_med"}
+        assert metrics["protocols"]["medcap"]["closed"] == pytest.approx(metrics["closed_accuracy"])
     assert on_disk["training"]["steps"] == 3
     assert on_disk["training"]["llm_unchanged"] is True
 
@@ -52,6 +54,7 @@ def test_report_is_self_contained(demo_run):
     assert "src=\"data:image/png;base64," in html and "src=\"data:image/jpeg;base64," in html
     assert "src=\"http" not in html and "src=\"/" not in html  # nothing outside the file
     assert "bitwise unchanged" in html
+    assert "under each paper's protocol" in html and "lmms_eval" in html
     assert html.count('class="card"') >= 1  # gallery of held-out images
 
 

@@ -115,6 +115,9 @@ def test_slake_all_checkpoints_one_llm_load(ws, tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "metrics_meta_model_0.json").read_text())["slake"]
     assert (summary["closed_n"], summary["open_n"]) == (2, 2)
     assert summary["by_content_type"]["Modality"]["n"] == 2
+    protocols = summary["protocols"]  # protocols=None: every one, on the same answers
+    assert list(protocols) == ["medcap", "lmms_eval", "multimedeval", "medevalkit", "llava_med"]
+    assert protocols["medcap"]["closed"] == summary["closed_accuracy"] and protocols["lmms_eval"]["n"] == 4
     other = read_csv(tmp_path / "test_out_slake_meta_model_1.csv")
     assert [r["generated"] for r in rows] != [r["generated"] for r in other]  # the checkpoints differ
 
@@ -199,12 +202,14 @@ def test_vqarad_and_an_original_layout_checkpoint(ws, tmp_path):
         f"dataset_source={root}",
         "vqa_mode=direct",
         f"vision_checkpoint={tmp_path}/last.pt",
+        "protocols=[medevalkit]",
     )
     evaluate(cfg)
     out = read_csv(tmp_path / "test_out_vqarad_last.csv")
     assert [r["qid"] for r in out] == ["1", "2", "3"]  # the official test split only
     summary = json.loads((tmp_path / "metrics_last.json").read_text())["vqarad"]
     assert (summary["closed_n"], summary["open_n"]) == (2, 1)
+    assert list(summary["protocols"]) == ["medevalkit"]  # protocols=[medevalkit], VQA-RAD's rules
     assert all(json.loads(r["score"]) for r in out)
 
 

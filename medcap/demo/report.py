@@ -60,6 +60,7 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {k: vqa.get(k) for k in ("closed_accuracy", "closed_n", "open_recall", "open_f1", "open_exact_match", "open_n")}
     out.update(bleu4=cap.get("BLEU-4"), meteor=cap.get("METEOR"), rouge_l=cap.get("ROUGE-L"), cider=cap.get("CIDEr"),
                caption_n=cap.get("n", 0))  # fmt: skip
+    out["protocols"] = vqa.get("protocols", {})  # the same answers under each paper's protocol
     out["by_content_type"] = {
         k: {"closed_accuracy": v["closed_accuracy"], "closed_n": v["closed_n"], "open_recall": v["open_recall"],
             "open_n": v["open_n"]}
@@ -187,7 +188,27 @@ def metrics_table(summary: dict[str, Any]) -> str:
     for key, label, _ in REFERENCES:
         lines.append(f"{label:<28} {_fmt(summary[key]):>8}")
     lines.append("(blind answerer: the best answer per question text, fitted on train)")
-    return "\n".join(lines)
+    return "\n".join(lines + protocol_lines(summary))
+
+
+def _protocol_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str, str, str, str]]:
+    """(protocol, open before, open after, closed before, closed after, overall before, overall after, note)."""
+    b, t = summary["baseline"].get("protocols", {}), summary["trained"].get("protocols", {})
+    return [
+        (name, _fmt(b.get(name, {}).get("open")), _fmt(p["open"]), _fmt(b.get(name, {}).get("closed")),
+         _fmt(p["closed"]), _fmt(b.get(name, {}).get("overall")), _fmt(p["overall"]),
+         f"open: {p['open_metric']}; closed: {p['closed_metric']}" + ("; open judge needed" if p.get("judge") else ""))
+        for name, p in t.items()
+    ]  # fmt: skip
+
+
+def protocol_lines(summary: dict[str, Any]) -> list[str]:
+    rows = _protocol_rows(summary)
+    if not rows:
+        return []
+    lines = [f"\n{'protocol (docs/protocols.md)':<28} {'open':>15} {'closed':>15} {'overall':>15}"]
+    lines += [f"{r[0]:<28} {r[1]:>6} -> {r[2]:<5} {r[3]:>6} -> {r[4]:<5} {r[5]:>6} -> {r[6]:<5}" for r in rows]
+    return lines
 
 
 # ------------------------------------------------------------------ figures
@@ -305,6 +326,19 @@ def gallery(baseline: dict[str, Any], trained: dict[str, Any]) -> str:
     return "\n".join(cards)
 
 
+def protocol_table(summary: dict[str, Any]) -> str:
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r[:7]) + f"<td class=\"muted\">{html.escape(r[7])}</td></tr>"
+        for r in _protocol_rows(summary)
+    )
+    if not rows:
+        return ""
+    return ("<h3>The same answers under each paper's protocol</h3><table><tr><th>protocol</th><th>open before</th>"
+            "<th>open after</th><th>closed before</th><th>closed after</th><th>overall before</th><th>overall after</th>"
+            f"<th>what is measured</th></tr>{rows}</table><p class=\"muted\">Papers score SLAKE under different rules "
+            "(docs/protocols.md); compare a paper's figure with this model's under the paper's protocol.</p>")  # fmt: skip
+
+
 def probe_section(probe: dict[str, Any] | None) -> str:
     if not probe:
         return ""
@@ -342,6 +376,7 @@ no source file or volume with training. Metrics are on the test split; nothing w
 <table><tr><th>metric</th><th>untrained</th><th>trained</th><th>n</th></tr>{rows}
 {references}</table>
 <p class="muted">Blind answerer: the best answer for each question text, fitted on the training set.</p>
+{protocol_table(summary)}
 <h3>By content type</h3>
 <table><tr><th>content type</th><th>closed before</th><th>closed after</th><th>n</th><th>open recall before</th><th>open recall after</th><th>n</th></tr>{content_rows}</table>
 <p class="muted">Compare each kind of closed question with the blind answerer's rate for it: only what

@@ -15,6 +15,9 @@ from medcap.data.sharegpt import read_records, record_to_chat
 from medcap.data.sources import read_slake, read_vqarad
 from medcap.evaluation.captioning import SPICE_SKIPPED, caption_metrics, require_java
 from medcap.evaluation.outputs import EvalOutputs
+from medcap.evaluation.protocols import DEFAULT as DEFAULT_PROTOCOLS
+from medcap.evaluation.protocols import resolve as resolve_protocols
+from medcap.evaluation.protocols import score_protocols
 from medcap.evaluation.vqa import score_item, summarize_scores
 from medcap.io import atomic_write
 
@@ -138,7 +141,10 @@ class CaptionTask(Task):
 
 @dataclass
 class VQATask(Task):
-    """Closed questions by exact match, open ones by recall / F1 / exact match (``vqa.py``)."""
+    """Closed questions by exact match, open ones by recall / F1 / exact match (``vqa.py``); the
+    summary's ``protocols`` holds the same answers scored under each paper's protocol."""
+
+    protocols: tuple[str, ...] = DEFAULT_PROTOCOLS
 
     def row(self, item: EvalItem, description: str, generated: str) -> dict[str, Any]:
         row = super().row(item, description, generated)
@@ -147,16 +153,22 @@ class VQATask(Task):
         return row
 
     def score(self, rows: list[dict[str, str]], outputs: EvalOutputs) -> dict[str, Any]:
-        return summarize_scores(
-            {"prediction": r["generated"], "answer": r["output"], "answer_type": r["answer_type"],
-             "content_type": r.get("content_type")} for r in rows
-        )  # fmt: skip
+        items = [{"prediction": r["generated"], "answer": r["output"], "answer_type": r["answer_type"],
+                  "content_type": r.get("content_type")} for r in rows]  # fmt: skip
+        summary = summarize_scores(items)
+        if self.protocols:
+            summary["protocols"] = score_protocols(items, self.protocols, dataset=self.name)
+        return summary
 
     def report(self, tag: str, s: dict[str, Any]) -> str:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         return (
             f"{self.name} [{tag}] closed accuracy {fmt(s['closed_accuracy'])} (n={s['closed_n']}), open recall "
             f"{fmt(s['open_recall'])} / F1 {fmt(s['open_f1'])} / exact {fmt(s['open_exact_match'])} (n={s['open_n']})"
+        ) + "".join(
+            f"\n  {name:<13} open {fmt(p['open'])} (n={p['open_n']})  closed {fmt(p['closed'])} (n={p['closed_n']})"
+            f"  overall {fmt(p['overall'])}" + ("  [open: judge needed]" if p.get("judge") else "")
+            for name, p in s.get("protocols", {}).items()
         )
 
 
@@ -183,10 +195,11 @@ def tasks_from_settings(settings: Any) -> list[Task]:
         raise ValueError(f"eval_split={split!r}; expected test, val or train")
     if split == "val" and s.test_vqarad:
         raise ValueError("eval_split=val: VQA-RAD has no validation split (hold one out of its training questions)")
+    protocols = resolve_protocols(s.protocols)
     for kind in VQA_KINDS:
         if getattr(s, f"test_{kind}"):
             items = vqa_items(kind, s.dataset_source, answer_types, split, question_suffix(s.question_suffix))
-            tasks.append(VQATask(kind, items, two_turn))
+            tasks.append(VQATask(kind, items, two_turn, protocols=protocols))
     if not tasks:
         raise ValueError("nothing to evaluate: set test_metrics=True, test_slake=True or test_vqarad=True")
     return [task.limit(s.limit) for task in tasks]
