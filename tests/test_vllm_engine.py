@@ -1,11 +1,12 @@
 """``engine=vllm`` against a real vLLM (the registry's CPU build, ``make test-vllm``) serving the
 demo's SmolLM2 from prompt embeddings, in fp32: greedy answers equal medcap's own engine token for
 token (the oracle), the generate recipe writes the same answers and metrics, and ``medcap serve``
-streams the same text. Skipped, with the reason, only when there is no vLLM: no ``.vllm-venv``
-and no ``MEDCAP_VLLM_PYTHON``."""
+streams the same text. Skipped, with the reason, only when there is no vLLM: no ``.vllm-venv``,
+no ``MEDCAP_VLLM_PYTHON`` (and no ``MEDCAP_VLLM_URL``, a server already running)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 @pytest.fixture(scope="session")
 def vllm_url(smollm2, tmp_path_factory):
-    """vLLM serving the converted SmolLM2 (fp32, prompt embeddings) on a free port, once."""
+    """vLLM serving the converted SmolLM2 (fp32, prompt embeddings) on a free port, once; or the
+    one at ``MEDCAP_VLLM_URL`` (serving the same folder, started as ``make vllm`` does)."""
+    if os.environ.get("MEDCAP_VLLM_URL"):
+        yield os.environ["MEDCAP_VLLM_URL"]
+        return
     python = find_vllm_python(ROOT)
     if python is None:
         pytest.skip("no vLLM: `make test-vllm` installs it in .vllm-venv (or set MEDCAP_VLLM_PYTHON)")
@@ -81,21 +86,21 @@ def test_greedy_tokens_equal_medcaps_engine(smollm2, demo_slake, vllm_url, tmp_p
 
 def test_generate_recipe_writes_the_same_answers_and_metrics(smollm2, demo_slake, vllm_url, tmp_path):
     slake, _ = demo_slake
-    common = ("limit=24", "answer_types=[CLOSED,OPEN]")
+    common = ("limit=12", "answer_types=[CLOSED,OPEN]")
     ours = recipe(demo_cfg(smollm2, slake, tmp_path / "medcap", *common)).run()
     theirs = recipe(demo_cfg(smollm2, slake, tmp_path / "vllm", *common, "engine=vllm", f"vllm_url={vllm_url}")).run()
     strip = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
     assert {t: strip(s) for t, s in theirs["untrained"].items()} == {t: strip(s) for t, s in ours["untrained"].items()}
     a = (tmp_path / "medcap" / "test_out_slake_untrained.csv").read_text()
     b = (tmp_path / "vllm" / "test_out_slake_untrained.csv").read_text()
-    assert a == b and a.count("\n") > 24
+    assert a == b and a.count("\n") > 12
 
 
 def test_two_turns_through_vllm(smollm2, demo_slake, vllm_url, tmp_path):
     """describe_then_answer: the second prompt (first prompt, description, question) sent whole;
     equal to medcap's engine recomputing the second turn (two_turn_cache=False)."""
     slake, _ = demo_slake
-    common = ("limit=8", "vqa_mode=describe_then_answer", "max_new_tokens=16")
+    common = ("limit=4", "vqa_mode=describe_then_answer", "max_new_tokens=16")
     recipe(demo_cfg(smollm2, slake, tmp_path / "medcap", *common, "two_turn_cache=False")).run()
     recipe(demo_cfg(smollm2, slake, tmp_path / "vllm", *common, "engine=vllm", f"vllm_url={vllm_url}")).run()
     a = (tmp_path / "medcap" / "test_out_slake_untrained.csv").read_text()
