@@ -5,8 +5,9 @@ protocol (describe the image, then answer the question in a second turn).
 
 With ``remote`` (``engine=vllm``) the same prompt embeddings go to a vLLM server, which decodes:
 the answers are the same text, built from the token ids vLLM returns. Its second turn is sent
-whole (the first prompt and the description are prefilled again: vLLM keeps no cache of a
-prompt-embeddings request), as ``two_turn_cache=False`` does here."""
+whole, as ``two_turn_cache=False`` runs it here: vLLM prefills it again, except the first
+prompt's full KV blocks that its prefix cache recognises (it hashes prompt embeddings by block);
+the description and the question always."""
 
 from __future__ import annotations
 
