@@ -96,13 +96,13 @@ class VLLMEngine(Engine):
             if not job.finished:  # vLLM stopped at a stop token (it sends none back) or its own end
                 self._take_token(job, next(iter(self.stop_tokens)))
         except ContextTooLong as e:
-            self._end(job, UnreadableRequest(str(e)))
+            self._end(job, UnreadableRequest(self._said(e)))
         except VLLMUnreachable as e:
             log.error("%s", e)
             self._end(job, Unavailable(f"the LLM server is not answering ({type(e).__name__})"))
         except VLLMError as e:
             log.error("%s", e)
-            self._end(job, DecodingFailed(f"the LLM server failed this request: {e}"))
+            self._end(job, DecodingFailed(f"the LLM server failed this request: {self._said(e)}"))
         except Exception as e:  # noqa: BLE001 - this request fails; the server goes on
             log.exception("request failed")
             why = f"the model could not read this request ({type(e).__name__})"
@@ -113,6 +113,10 @@ class VLLMEngine(Engine):
                     self.running.remove(job)
                     self.metrics.running.set(len(self.running))
                 self.cond.notify_all()
+
+    def _said(self, error: Exception) -> str:
+        """vLLM's error for the API's client, which is not told the LLM server's address."""
+        return str(error).replace(self.client.url, "the LLM server")
 
     def _end(self, job: Job, error: Any, finish_reason: str | None = None) -> None:
         """``Engine._end`` without the batch's row (vLLM holds the request); frees a place."""

@@ -79,8 +79,9 @@ def test_vllm_failures_are_api_errors(vserver, fake):
     messages = [{"role": "user", "content": "Is this an MRI?"}]
     fake.refuse = (500, "EngineCore died")
     try:
-        with pytest.raises(openai.InternalServerError, match="EngineCore died"):
+        with pytest.raises(openai.InternalServerError, match="EngineCore died") as e:
             client.chat.completions.create(model=name, messages=messages, max_tokens=4)
+        assert fake.url not in str(e.value)
     finally:
         fake.refuse = None
     url = vserver.served.engine.client.url
