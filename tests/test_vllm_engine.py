@@ -20,15 +20,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="session")
-def vllm_url(smollm2, tmp_path_factory):
+def vllm_url(request, tmp_path_factory):
     """vLLM serving the converted SmolLM2 (fp32, prompt embeddings) on a free port, once; or the
-    one at ``MEDCAP_VLLM_URL`` (serving the same folder, started as ``make vllm`` does)."""
+    one at ``MEDCAP_VLLM_URL`` (serving the same folder, started as ``make vllm`` does). Without
+    either, the skip comes before anything is converted."""
     if os.environ.get("MEDCAP_VLLM_URL"):
         yield os.environ["MEDCAP_VLLM_URL"]
         return
     python = find_vllm_python(ROOT)
     if python is None:
         pytest.skip("no vLLM: `make test-vllm` installs it in .vllm-venv (or set MEDCAP_VLLM_PYTHON)")
+    smollm2 = request.getfixturevalue("smollm2")
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     try:
         with VLLMServer(python, smollm2, log) as url:
@@ -52,7 +54,7 @@ def recipe(cfg):
     return load_recipe("generate").EvaluationRecipe(GenerateSettings.from_config(cfg, "generate"))
 
 
-def test_greedy_tokens_equal_medcaps_engine(smollm2, demo_slake, vllm_url, tmp_path):
+def test_greedy_tokens_equal_medcaps_engine(vllm_url, smollm2, demo_slake, tmp_path):
     """The oracle: the demo's test questions (random vision encoder, so image tokens steer the
     answers), the same prompt embeddings decoded by medcap's KV-cache engine and by vLLM."""
     from medcap.decoding import generate
@@ -84,7 +86,7 @@ def test_greedy_tokens_equal_medcaps_engine(smollm2, demo_slake, vllm_url, tmp_p
     assert theirs == ours
 
 
-def test_generate_recipe_writes_the_same_answers_and_metrics(smollm2, demo_slake, vllm_url, tmp_path):
+def test_generate_recipe_writes_the_same_answers_and_metrics(vllm_url, smollm2, demo_slake, tmp_path):
     slake, _ = demo_slake
     common = ("limit=12", "answer_types=[CLOSED,OPEN]")
     ours = recipe(demo_cfg(smollm2, slake, tmp_path / "medcap", *common)).run()
@@ -96,7 +98,7 @@ def test_generate_recipe_writes_the_same_answers_and_metrics(smollm2, demo_slake
     assert a == b and a.count("\n") > 12
 
 
-def test_two_turns_through_vllm(smollm2, demo_slake, vllm_url, tmp_path):
+def test_two_turns_through_vllm(vllm_url, smollm2, demo_slake, tmp_path):
     """describe_then_answer: the second prompt (first prompt, description, question) sent whole;
     equal to medcap's engine recomputing the second turn (two_turn_cache=False)."""
     slake, _ = demo_slake
@@ -107,7 +109,7 @@ def test_two_turns_through_vllm(smollm2, demo_slake, vllm_url, tmp_path):
     assert a == (tmp_path / "vllm" / "test_out_slake_untrained.csv").read_text()
 
 
-def test_serve_streams_through_vllm(smollm2, vllm_url, tmp_path):
+def test_serve_streams_through_vllm(vllm_url, smollm2, tmp_path):
     """``medcap serve engine=vllm``: the same API; streamed text equals the whole answer and the
     answer of medcap's own engine; a prompt over vLLM's context is a 400."""
     import openai
