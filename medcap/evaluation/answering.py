@@ -1,12 +1,19 @@
 """Evaluation items -> answers: prompts as token ids (the training path plus the assistant
 header: the original decoded and re-encoded them, turning header tokens into text), images
 through the encoder's eval transform, batched KV-cache decoding, and the original's two-turn
-protocol (describe the image, then answer the question in a second turn)."""
+protocol (describe the image, then answer the question in a second turn).
+
+With ``remote`` (``engine=vllm``) the same prompt embeddings go to a vLLM server, which decodes:
+the answers are the same text, built from the token ids vLLM returns. Its second turn is sent
+whole, as ``two_turn_cache=False`` runs it here: vLLM prefills it again, except the first
+prompt's full KV blocks that its prefix cache recognises (it hashes prompt embeddings by block);
+the description and the question always."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,6 +22,7 @@ from torchtune.data import Message
 from medcap.data.dataset import prompt_tokens
 from medcap.data.images import load_image
 from medcap.decoding import DecodeStep, Sampling, generate, generate_two_turns
+from medcap.engines.remote import RemoteGenerator
 from medcap.evaluation.tasks import EvalItem, user_message
 from medcap.models.assembly import autocast
 from medcap.models.fusion import MedcapModel
@@ -44,6 +52,7 @@ class Answerer:
         rng: torch.Generator | None = None,
         reuse_first_turn: bool = True,
         step: DecodeStep | None = None,
+        remote: RemoteGenerator | None = None,
     ):
         self.model, self.tokenizer, self.decoding = model, tokenizer, decoding
         self.batch_size, self.dtype = batch_size, dtype
@@ -52,7 +61,8 @@ class Answerer:
         self.device = model.tok_embeddings.weight.device
         self.transform = model.visual.preprocess.transform()
         self.skipped = 0  # prompts longer than max_prompt_len since the last reset
-        self.reuse_first_turn = reuse_first_turn
+        self.reuse_first_turn = reuse_first_turn and remote is None
+        self.remote = remote  # engine=vllm: vLLM decodes from the prompt embeddings
 
     def prompt(self, messages: list[Message]) -> list[int]:
         return prompt_tokens(self.tokenizer, messages, self.model.num_image_tokens)
@@ -67,10 +77,11 @@ class Answerer:
 
     def generate(self, batch: list[tuple[list[int], EvalItem]], max_new_tokens: int) -> list[str]:
         """Answers to (prompt, item) pairs."""
+        decode = self.remote.generate if self.remote is not None else partial(generate, step=self.step)
         with autocast(self.device, self.dtype):
-            ids = generate(self.model, [p for p, _ in batch], self.images([it for _, it in batch]),
-                           max_new_tokens=max_new_tokens, stop_tokens=self.tokenizer.stop_tokens,
-                           pad_id=self.tokenizer.pad_id, sampling=self.sampling, step=self.step)  # fmt: skip
+            ids = decode(self.model, [p for p, _ in batch], self.images([it for _, it in batch]),
+                         max_new_tokens=max_new_tokens, stop_tokens=self.tokenizer.stop_tokens,
+                         pad_id=self.tokenizer.pad_id, sampling=self.sampling)  # fmt: skip
         return [self.tokenizer.decode(x).strip() for x in ids]
 
     def answer(self, items: list[EvalItem], two_turn: bool) -> Iterator[tuple[EvalItem, str, str]]:

@@ -4,7 +4,8 @@
 The model comes from the generate recipe's keys through ``medcap.models.assembly.load_for_inference``
 (as evaluation loads it): ``model`` + ``checkpointer`` + ``tokenizer``, the vision keys,
 ``device``, ``dtype``, ``seed`` and ``vision_checkpoint`` (a glob serves its last match, in epoch
-order: ``meta_model_*.pt``).
+order: ``meta_model_*.pt``). With ``engine=vllm`` a vLLM server at ``vllm_url`` decodes
+(``vllm_engine.VLLMEngine``); the model's context is the smaller of the decoder's and vLLM's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import uvicorn
 from omegaconf import DictConfig
 
+from medcap.engines import VLLMClient
 from medcap.models.assembly import load_for_inference
 from medcap.models.checkpoints import latest_checkpoint
 from medcap.serving.app import ModelInfo, Served, create_app
@@ -25,6 +27,7 @@ from medcap.serving.engine import Engine
 from medcap.serving.metrics import Metrics
 from medcap.serving.requests import PromptContext
 from medcap.serving.settings import ServeSettings
+from medcap.serving.vllm_engine import VLLMEngine
 
 log = logging.getLogger("medcap.serve")
 
@@ -36,27 +39,40 @@ def load(cfg: DictConfig) -> Served:
     ckpt = latest_checkpoint(settings.vision_checkpoint)
     if settings.compile:  # continuous batches change size every few steps: each size would recompile
         log.warning("compile=True is the generate recipe's; medcap serve decodes eagerly")
+    client = None
+    if settings.engine == "vllm":  # a wrong URL fails now, not after the LLM has loaded
+        client = VLLMClient(settings.vllm_url, settings.vllm_model, timeout_s=settings.request_timeout_s)
+        client.models()
     # as in evaluation: the LLM in ``dtype``, the vision side fp32 under autocast (the worker's)
     loaded = load_for_inference(settings, ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer
+    max_seq_len = int(model.decoder.max_seq_len)
+    if client is not None:
+        served = client.connect(hidden_size=model.llm_dim, vocab_size=model.tok_embeddings.num_embeddings)
+        max_seq_len = min(max_seq_len, served.max_model_len or max_seq_len)
+        log.info("engine: vLLM at %s serving %s (context %s)", client.url, served.id, served.max_model_len)
     llm = Path(str(settings.checkpointer.get("checkpoint_dir", "llm"))).name
     name = settings.model_name or f"medcap-{llm}" + (f"-{ckpt.stem}" if ckpt else "")
     preprocess = model.visual.preprocess
     info = ModelInfo(
         name=name, llm=llm, vision_checkpoint=ckpt.name if ckpt else None, vision=model.visual.name,
         connector=type(model.projector).__name__, num_image_tokens=model.num_image_tokens,
-        image_size=int(preprocess.size), max_seq_len=int(model.decoder.max_seq_len), created=int(time.time()),
+        image_size=int(preprocess.size), max_seq_len=max_seq_len, created=int(time.time()),
     )  # fmt: skip
     context = PromptContext(
         tokenizer=tokenizer, num_image_tokens=model.num_image_tokens, transform=preprocess.transform(),
-        max_seq_len=int(model.decoder.max_seq_len), default_max_tokens=settings.max_new_tokens,
+        max_seq_len=max_seq_len, default_max_tokens=settings.max_new_tokens,
         default_temperature=settings.temperature, default_top_k=settings.top_k,
         image_root=settings.image_root, max_image_pixels=settings.max_image_pixels,
     )  # fmt: skip
     metrics = Metrics()
-    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                    batch_wait_ms=settings.batch_wait_ms, retry_after_s=settings.retry_after_s, seed=settings.seed,
-                    metrics=metrics, step=loaded.step)  # fmt: skip
+    common = dict(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                  batch_wait_ms=settings.batch_wait_ms, retry_after_s=settings.retry_after_s, seed=settings.seed,
+                  metrics=metrics)  # fmt: skip
+    if client is not None:
+        engine: Engine = VLLMEngine(model, tokenizer, client, **common)
+    else:
+        engine = Engine(model, tokenizer, step=loaded.step, **common)
     return Served(engine, context, settings, info, metrics)
 
 
