@@ -39,7 +39,7 @@ REFUSED_DTYPES = {
 }
 # Keys of torchtune's own recipe configs and of the original medcap's: accepted, not used.
 ACCEPTED_UNUSED = {
-    "loss", "optimizer_in_bwd", "log_peak_memory_stats", "profiler", "enable_activation_offloading", "memory_efficient_fsdp_wrap",
+    "loss", "log_peak_memory_stats", "profiler", "enable_activation_offloading", "memory_efficient_fsdp_wrap",
     "fsdp_cpu_offload", "custom_sharded_layers", "instruct_template", "chat_format", "enable_kv_cache", "quantizer",
     "trainonly",
 }  # fmt: skip
@@ -204,6 +204,9 @@ class TrainSettings(ModelSettings):
     shuffle: bool = True
     num_workers: int = 0
     optimizer: Component = None
+    # one optimizer per trainable tensor, stepped as soon as its gradient is ready: gradients
+    # never all exist at once (needs clip_grad_norm=null and gradient_accumulation_steps=1)
+    optimizer_in_bwd: bool = False
     lr_scheduler: Component = None
     clip_grad_norm: float | None = None
     gradient_accumulation_steps: int = 1
@@ -212,7 +215,8 @@ class TrainSettings(ModelSettings):
     stop_after_steps: int | None = None
     resume_from_checkpoint: bool = False
     compile: bool = False
-    enable_activation_checkpointing: bool = False
+    enable_activation_checkpointing: bool = False  # recompute the frozen LLM's layers in backward
+    preflight: bool = True  # on CUDA: refuse before loading when the estimate does not fit (medcap.estimate)
     image_augment: Component = None  # open_clip's AugmentationCfg fields
     verify_frozen_llm: bool = False
     metric_logger: Component = None
