@@ -253,6 +253,7 @@ class GenerateSettings(ModelSettings):
     prompt: str | None = None
     compile: bool = False
     two_turn_cache: bool = True
+    preflight: bool = True  # on CUDA: refuse before loading when the estimate does not fit (medcap.estimate)
 
     def check(self) -> None:
         super().check()

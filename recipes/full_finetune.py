@@ -30,6 +30,7 @@ from tqdm import tqdm
 from medcap.data.collate import build_dataloader
 from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
 from medcap.errors import run_main
+from medcap.estimate.preflight import preflight
 from medcap.io import atomic_write_json, ensure_writable
 from medcap.models.assembly import autocast, build_model, resolve_precision
 from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoint_payload
@@ -89,6 +90,8 @@ class VisionFinetuneRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         s = self.settings
+        if not self.distributed:  # FSDP2 shards what one device would hold: the one-device estimate does not apply
+            preflight(s, self.device)  # before any weight is read: refuses a run that cannot fit
         self.tokenizer = config.instantiate(s.tokenizer)
         # torchtune seeds each rank with seed + rank; the randomly initialised vision side must be
         # the same on every rank (and as in a one-process run), so it is built under the base seed

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
 from medcap.errors import ConfigError, run_main
+from medcap.estimate.preflight import preflight
 from medcap.evaluation import sharding
 from medcap.evaluation.answering import DESCRIBE, Answerer, Decoding
 from medcap.evaluation.judge import ModelBackend, run_judge
@@ -61,6 +62,7 @@ class EvaluationRecipe:
         """The LLM once; then only the vision weights change between checkpoints."""
         if self.answerer is None:
             s = self.settings
+            preflight(s, self.device)  # before any weight is read: refuses a batch that cannot fit
             loaded = load_for_inference(s, ckpt, device=self.device, compile=s.compile)
             tqdm.write(f"vision encoder weights: {loaded.model.visual.weights}")
             rng = torch.Generator(device=self.device).manual_seed(int(s.seed or 0))

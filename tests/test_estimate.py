@@ -172,3 +172,40 @@ def test_cli_prints_the_table_then_one_json_line():
     assert {"peak_bytes", "fits", "max_batch_size", "step_s"} <= set(summary)
     assert summary["fits"] is True and summary["epoch_s"] == pytest.approx(50 * summary["step_s"])
     assert "peak memory" in proc.stdout and "NVIDIA H100" in proc.stdout
+
+
+def test_preflight_refuses_naming_the_switch_that_fits():
+    from medcap.estimate.preflight import PreflightError, preflight
+
+    cfg = train_cfg("enable_activation_checkpointing=False")
+    without = estimate(cfg, options(), device(2**34)).peak_bytes
+    with_ac = estimate(train_cfg(), options(), device(2**34)).peak_bytes
+    assert with_ac < without
+    budget = int((with_ac + without) / 2 * 1.05)  # preflight counts 5% for the allocator
+    settings = settings_for(cfg)
+    with pytest.raises(PreflightError, match=r"does not fit .* set enable_activation_checkpointing=True"):
+        preflight(settings, torch.device("cuda"), mem_get_info=lambda: (budget, budget))
+    preflight(
+        settings, torch.device("cuda"), mem_get_info=lambda: (2 * without, 2 * without)
+    )  # fits: no error
+    preflight(settings.replace(preflight=False), torch.device("cuda"), mem_get_info=lambda: (1, 1))
+    preflight(settings, torch.device("cpu"))  # CPU runs are not checked
+
+
+def test_recipes_run_the_preflight_before_reading_anything(monkeypatch, tmp_path):
+    """The training recipe refuses before the tokenizer or any weight is opened (none exist here)."""
+    from omegaconf import OmegaConf
+
+    from medcap.cli import load_recipe
+    from medcap.estimate.preflight import PreflightError
+
+    recipe = load_recipe("full_finetune_single_device")
+
+    def refuse(settings, device):
+        raise PreflightError("preflight: refused")
+
+    monkeypatch.setattr(recipe, "preflight", refuse)
+    cfg = train_cfg("device=cpu", f"tokenizer.path={tmp_path}/missing.model", f"output_dir={tmp_path}")
+    run = recipe.VisionFinetuneRecipe(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
+    with pytest.raises(PreflightError):
+        run.setup()
