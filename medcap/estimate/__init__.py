@@ -14,6 +14,7 @@ import json
 import typing
 from collections.abc import Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medcap.estimate.devices import DEVICES, GIB, Device, resolve_device
@@ -120,6 +121,8 @@ def load_config(config: str, overrides: Sequence[str]) -> DictConfig:
 def run_cli(argv: Sequence[str]) -> Estimate:
     """``medcap estimate --config CONFIG [key=value ...] gpu=NAME``: the table, then one JSON line."""
     argv = list(argv)
+    if "--judge" in argv:
+        return run_judge_cli([a for a in argv if a != "--judge"])
     if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
         raise SystemExit(
             "medcap estimate --config CONFIG [key=value ...] gpu=NAME   (gpu: " + ", ".join(DEVICES) + ")"
@@ -130,3 +133,26 @@ def run_cli(argv: Sequence[str]) -> Estimate:
     print(report(est))
     print(json.dumps(est.summary()))
     return est
+
+
+def run_judge_cli(argv: Sequence[str]) -> dict:
+    """``medcap estimate --judge [gpus=N] [nf4=True] [batch_size=B] [max_seq_len=L] gpu=NAME``."""
+    from medcap.estimate.judge import JudgeOptions, judge_memory, judge_report
+
+    cfg = OmegaConf.from_dotlist(list(argv))
+    own = {f.name for f in dataclasses.fields(JudgeOptions)}
+    device_keys = {"gpu", "gpu_memory_gib", "gpu_tflops", "gpu_bandwidth_gbs"}
+    check_keys(cfg, own | device_keys, "estimate --judge")
+    hints = typing.get_type_hints(JudgeOptions)
+    options = JudgeOptions(**{k: _coerce(k, cfg[k], hints[k]) for k in own if k in cfg})
+    dev = split_options(OmegaConf.create({k: cfg[k] for k in device_keys if k in cfg}))
+    device = resolve_device(dev.gpu, memory_gib=dev.gpu_memory_gib, tflops=dev.gpu_tflops,
+                            bandwidth_gbs=dev.gpu_bandwidth_gbs)  # fmt: skip
+    result = judge_memory(options, device)
+    print(judge_report(options, device, result))
+    print(
+        json.dumps(
+            {**result, "device": device.name, "memory_bytes": device.memory_bytes, "torch": torch.__version__}
+        )
+    )
+    return result
