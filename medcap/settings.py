@@ -227,6 +227,11 @@ class TrainSettings(ModelSettings):
         for name in ("batch_size", "epochs", "gradient_accumulation_steps", "log_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected at least 1")
+        if self.optimizer_in_bwd and (self.clip_grad_norm is not None or self.gradient_accumulation_steps != 1):
+            raise ConfigError(
+                f"optimizer_in_bwd=True steps each tensor as soon as its gradient exists: it needs clip_grad_norm=null "
+                f"(is {self.clip_grad_norm}) and gradient_accumulation_steps=1 (is {self.gradient_accumulation_steps})"
+            )
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,7 @@ def test_fits_decisions_against_a_budget(traced):
     assert not estimate(cfg, options(), device(int(measured[2] * 0.8))).fits
 
 
+@pytest.mark.slow
 def test_largest_batch_that_fits(traced):
     """A budget between the measured peaks at batch 3 and 4 fits batch 3 and no more."""
     _, measured = traced
@@ -132,6 +133,7 @@ def test_largest_batch_that_fits(traced):
     assert est.max_batch_size == 3
 
 
+@pytest.mark.slow
 def test_switches_change_what_they_should():
     est = estimate(train_cfg("enable_activation_checkpointing=False"), dataclasses.replace(options(), switches=True),
                    device(2**34))  # fmt: skip
@@ -160,6 +162,7 @@ def test_config_typo_is_an_error_naming_the_key():
         estimate(train_cfg("gpu=h1000"))
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_then_one_json_line():
     proc = subprocess.run(
         [sys.executable, "-m", "medcap.cli", "estimate", "--config", "llama3/8B_full_single_device",
