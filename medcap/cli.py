@@ -1,10 +1,11 @@
-"""``medcap run|ls|cp|validate|serve``: torchtune's CLI, resolving medcap's recipe and config names.
+"""``medcap run|ls|cp|validate|serve|estimate``: torchtune's CLI, resolving medcap's recipe and config names.
 
     medcap run full_finetune_single_device --config llama3/8B_full_single_device key=value ...   (docs/training.md)
     medcap run --nproc_per_node 8 full_finetune_distributed --config llama3/8B_full ...
     medcap run generate --config custom_generation_config test_slake=True ...                   (docs/evaluation.md)
     medcap run probe --config probe labels=... vision_checkpoint=...                            (docs/probing.md)
     medcap serve --config smollm2/135M_demo_generation vision_checkpoint=... port=8000           (docs/serving.md)
+    medcap estimate --config llama3/8B_full_single_device gpu=a100-40 dataset_size=9835          (docs/estimate.md)
     medcap ls | medcap cp NAME FILE | medcap validate CONFIG [key=value ...]
 
 Recipes and configs are files under the repository's ``recipes/`` folder, resolved by path:
@@ -192,7 +193,15 @@ def _serve(argv: list[str]) -> None:
     serve(_merge_yaml_and_cli_args(*parser.parse_known_args(argv)))
 
 
-COMMANDS = {"run": _run, "ls": _ls, "cp": _cp, "validate": _validate, "serve": _serve}
+def _estimate(argv: list[str]) -> None:
+    """``medcap estimate --config NAME [key=value ...] gpu=NAME``: peak memory, the largest batch
+    and step time of a training or generate config on a device, before anything is loaded."""
+    from medcap.estimate import run_cli
+
+    run_cli(argv)
+
+
+COMMANDS = {"run": _run, "ls": _ls, "cp": _cp, "validate": _validate, "serve": _serve, "estimate": _estimate}
 
 
 def main(argv: list[str] | None = None) -> None:

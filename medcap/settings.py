@@ -40,7 +40,7 @@ REFUSED_DTYPES = {
 }
 # Keys of torchtune's own recipe configs and of the original medcap's: accepted, not used.
 ACCEPTED_UNUSED = {
-    "loss", "optimizer_in_bwd", "log_peak_memory_stats", "profiler", "enable_activation_offloading", "memory_efficient_fsdp_wrap",
+    "loss", "log_peak_memory_stats", "profiler", "enable_activation_offloading", "memory_efficient_fsdp_wrap",
     "fsdp_cpu_offload", "custom_sharded_layers", "instruct_template", "chat_format", "enable_kv_cache", "quantizer",
     "trainonly",
 }  # fmt: skip
@@ -205,6 +205,9 @@ class TrainSettings(ModelSettings):
     shuffle: bool = True
     num_workers: int = 0
     optimizer: Component = None
+    # one optimizer per trainable tensor, stepped as soon as its gradient is ready: gradients
+    # never all exist at once (needs clip_grad_norm=null and gradient_accumulation_steps=1)
+    optimizer_in_bwd: bool = False
     lr_scheduler: Component = None
     clip_grad_norm: float | None = None
     gradient_accumulation_steps: int = 1
@@ -213,7 +216,8 @@ class TrainSettings(ModelSettings):
     stop_after_steps: int | None = None
     resume_from_checkpoint: bool = False
     compile: bool = False
-    enable_activation_checkpointing: bool = False
+    enable_activation_checkpointing: bool = False  # recompute the frozen LLM's layers in backward
+    preflight: bool = True  # on CUDA: refuse before loading when the estimate does not fit (medcap.estimate)
     image_augment: Component = None  # open_clip's AugmentationCfg fields
     verify_frozen_llm: bool = False
     save_initial_checkpoint: bool = False  # initial_vision.pt: the vision side at step 0
@@ -225,6 +229,11 @@ class TrainSettings(ModelSettings):
         for name in ("batch_size", "epochs", "gradient_accumulation_steps", "log_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected at least 1")
+        if self.optimizer_in_bwd and (self.clip_grad_norm is not None or self.gradient_accumulation_steps != 1):
+            raise ConfigError(
+                f"optimizer_in_bwd=True steps each tensor as soon as its gradient exists: it needs clip_grad_norm=null "
+                f"(is {self.clip_grad_norm}) and gradient_accumulation_steps=1 (is {self.gradient_accumulation_steps})"
+            )
 
 
 @dataclass(frozen=True)
@@ -259,6 +268,7 @@ class GenerateSettings(ModelSettings):
     vllm_url: str | None = None  # engine=vllm: the server's address, http://HOST:PORT (or its OpenAI base_url, .../v1)
     vllm_model: str | None = None  # engine=vllm: the served model's id, when the server serves several
     vllm_timeout_s: float = 600.0  # engine=vllm: how long one request may take
+    preflight: bool = True  # on CUDA: refuse before loading when the estimate does not fit (medcap.estimate)
 
     def check(self) -> None:
         super().check()

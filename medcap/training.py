@@ -44,9 +44,62 @@ def build_dataset(cfg_dataset: DictConfig, tokenizer: Any, model: MedcapModel, a
     return dataset
 
 
+class InBackwardOptimizer(torch.optim.Optimizer):
+    """One optimizer per trainable tensor, each stepped (and its gradient freed) by a hook as soon
+    as backward has accumulated that tensor's gradient: all the gradients never exist at once
+    (torchtune's ``optimizer_in_bwd``). To the recipe it is one optimizer: ``step`` and
+    ``zero_grad`` have nothing left to do, its ``param_groups`` are the inner optimizers' own
+    (so an LR schedule reaches them), its state dict holds theirs. Gradients must be final when
+    backward produces them: the loss is normalised before backward, no clipping, no accumulation."""
+
+    def __init__(self, params: list[torch.nn.Parameter], build: Any):
+        super().__init__(params, {})
+        self.inner = [build([p]) for p in params]
+        self.param_groups = [g for opt in self.inner for g in opt.param_groups]
+        for p, opt in zip(params, self.inner):
+            p.register_post_accumulate_grad_hook(self._stepper(opt))
+
+    @staticmethod
+    def _stepper(opt: torch.optim.Optimizer):
+        def hook(_: torch.Tensor) -> None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return hook
+
+    def step(self, closure: Any = None) -> None:  # every step ran in backward
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"in_backward": [opt.state_dict() for opt in self.inner]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("in_backward")
+        if states is None or len(states) != len(self.inner):
+            raise ValueError(
+                "recipe_state.pt: the optimizer state was not saved with optimizer_in_bwd=True (or for another "
+                "model); resume with the setting it was saved with"
+            )
+        for opt, state in zip(self.inner, states):
+            opt.load_state_dict(state)
+
+
 def build_optimizer(
-    cfg_optimizer: DictConfig, params: list[torch.nn.Parameter], device: torch.device, distributed: bool
+    cfg_optimizer: DictConfig,
+    params: list[torch.nn.Parameter],
+    device: torch.device,
+    distributed: bool,
+    in_backward: bool = False,
 ):
+    """The config's optimizer over ``params``; ``in_backward``: one per tensor, stepped in
+    backward (``InBackwardOptimizer``)."""
+    if in_backward:
+        if distributed:
+            raise ValueError("optimizer_in_bwd=True runs in one process; the distributed recipe steps after backward")
+        return InBackwardOptimizer(params, lambda ps: build_optimizer(cfg_optimizer, ps, device, distributed))
     component = cfg_optimizer._component_
     if component.startswith(BNB_PREFIX) and distributed:
         raise ValueError(

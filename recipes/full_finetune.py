@@ -30,6 +30,7 @@ from tqdm import tqdm
 from medcap.data.collate import build_dataloader
 from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
 from medcap.errors import run_main
+from medcap.estimate.preflight import preflight
 from medcap.io import atomic_write_json, ensure_writable
 from medcap.models.assembly import autocast, build_model, resolve_precision
 from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoint_payload
@@ -90,6 +91,8 @@ class VisionFinetuneRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         s = self.settings
+        if not self.distributed:  # FSDP2 shards what one device would hold: the one-device estimate does not apply
+            preflight(s, self.device)  # before any weight is read: refuses a run that cannot fit
         self.tokenizer = config.instantiate(s.tokenizer)
         # torchtune seeds each rank with seed + rank; the randomly initialised vision side must be
         # the same on every rank (and as in a one-process run), so it is built under the base seed
@@ -126,7 +129,7 @@ class VisionFinetuneRecipe:
         self.frozen_before = frozen_fingerprint(self.model) if s.verify_frozen_llm else None
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(s.optimizer, params, self.device, self.distributed)
+        self.optimizer = build_optimizer(s.optimizer, params, self.device, self.distributed, s.optimizer_in_bwd)
         self.dataset = build_dataset(s.dataset, self.tokenizer, self.model, s.image_augment, self.seed)
         self.loader, self.sampler = build_dataloader(
             self.dataset,
@@ -212,7 +215,8 @@ class VisionFinetuneRecipe:
                 window.micro += 1
                 if batch["tokens"] is not None:
                     loss, n = self._micro_step(batch)
-                    loss.backward()
+                    # in backward the optimizer steps on each gradient as it comes: normalise first
+                    (loss / max(n, 1) if self.settings.optimizer_in_bwd else loss).backward()
                     window.add(loss.item(), n, batch, self.tokenizer.pad_id)
                 if window.micro < self.accumulation:
                     continue
@@ -278,7 +282,7 @@ class VisionFinetuneRecipe:
 
     def _optimizer_step(self, label_tokens: int) -> None:
         # the loss is a sum over label tokens; FSDP2 averages gradients over ranks, hence world_size
-        if label_tokens:
+        if label_tokens and not self.settings.optimizer_in_bwd:
             training.scale_grads(self.model, torch.tensor(self.world_size / label_tokens))
         if self.settings.clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(

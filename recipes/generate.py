@@ -35,6 +35,7 @@ from medcap.distributed import end_distributed, launched_by_torchrun, setup_devi
 from medcap.engines import VLLMClient
 from medcap.engines.remote import RemoteGenerator
 from medcap.errors import ConfigError, run_main
+from medcap.estimate.preflight import preflight
 from medcap.evaluation import sharding
 from medcap.evaluation.answering import DESCRIBE, Answerer, Decoding
 from medcap.evaluation.judge import ModelBackend, run_judge
@@ -69,6 +70,7 @@ class EvaluationRecipe:
         """The LLM once; then only the vision weights change between checkpoints."""
         if self.answerer is None:
             s = self.settings
+            preflight(s, self.device)  # before any weight is read: refuses a batch that cannot fit
             loaded = load_for_inference(s, ckpt, device=self.device, compile=s.compile and self.vllm is None)
             tqdm.write(f"vision encoder weights: {loaded.model.visual.weights}")
             remote = None

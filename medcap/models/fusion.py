@@ -167,9 +167,14 @@ class MedcapModel(nn.Module):
             return self.decoder(h, mask=mask, input_pos=input_pos)
         for layer in self.decoder.layers:  # TransformerDecoder.forward, minus the head
             h = layer(h, mask=mask, input_pos=input_pos)
-        h = self.decoder.norm(h)
+        h, targets = self.labelled(self.decoder.norm(h), labels)
+        return self.decoder.output(h).float(), targets
+
+    def labelled(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [K, D] and targets [K] where a label is (their count depends on the
+        labels' values: ``medcap.estimate`` replaces this with a fixed count to trace shapes only)."""
         keep = labels != CROSS_ENTROPY_IGNORE_IDX
-        return self.decoder.output(h[keep]).float(), labels[keep]
+        return h[keep], labels[keep]
 
     # KV-cache plumbing used by generation; the decoder owns the caches.
     def setup_caches(

@@ -215,7 +215,7 @@ def hub_snapshot(repo: str, weights: str) -> Path:
 
 
 def build_vision_encoder(
-    name: str = "biomedclip", vision_path: str | Path | None = None, pretrained: bool = False
+    name: str = "biomedclip", vision_path: str | Path | None = None, pretrained: bool = False, weights: bool = True
 ) -> VisionEncoder:
     """Build encoder ``name``: from a local open_clip folder with weights (``vision_path``), from
     its pretrained weights on the Hugging Face hub (``pretrained``, where the encoder has some:
@@ -223,10 +223,11 @@ def build_vision_encoder(
 
     A folder (given, or the hub's cached snapshot) is an open_clip repository: its
     ``open_clip_config.json`` decides the architecture, its weights file the values; only the
-    image tower is built. ``encoder.weights`` says where the values came from.
+    image tower is built. ``encoder.weights`` says where the values came from. ``weights=False``
+    reads the architecture only (``vision_path``'s config; no weights file is opened).
     """
     source = "random initialisation"
-    if vision_path is None and pretrained and (hub := hub_repo(name)) is not None:
+    if vision_path is None and pretrained and weights and (hub := hub_repo(name)) is not None:
         vision_path = hub_snapshot(*hub)
         source = f"pretrained {hub[0]} (revision {vision_path.name}, from the Hugging Face cache {vision_path})"
     elif vision_path is not None:
@@ -237,12 +238,12 @@ def build_vision_encoder(
         model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu=model_cfg.get("quick_gelu", False)
     )
     encoder = VisionEncoder(name, tower, model_cfg, _preprocess(cfg))
-    if vision_path is not None:
-        weights = find_weights_file(vision_path)
-        missing, unexpected = tower.load_state_dict(_visual_state_dict(weights), strict=False)
+    if vision_path is not None and weights:
+        file = find_weights_file(vision_path)
+        missing, unexpected = tower.load_state_dict(_visual_state_dict(file), strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"{weights}: image tower does not match {Path(vision_path) / OPEN_CLIP_CONFIG}; "
+                f"{file}: image tower does not match {Path(vision_path) / OPEN_CLIP_CONFIG}; "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
     encoder.weights = source
