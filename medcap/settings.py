@@ -26,6 +26,9 @@ import torch
 
 from medcap.errors import ConfigError, MedcapError
 
+if typing.TYPE_CHECKING:
+    from medcap.models.lora import LoraSpec
+
 log = logging.getLogger("medcap")
 S = TypeVar("S", bound="RecipeSettings")
 # a torchtune config node (``_component_`` plus arguments), kept as the config's node and
@@ -217,12 +220,28 @@ class TrainSettings(ModelSettings):
     verify_frozen_llm: bool = False
     metric_logger: Component = None
     log_every_n_steps: int = 1
+    # The usual recipe, for comparison (``make claims``): the LLM adapted with torchtune's LoRA at
+    # this rank as well; None (medcap): the LLM stays frozen. Only the adapters and the vision side
+    # learn; the adapters are saved in the vision checkpoint (``llm_lora``), the LLM file is untouched.
+    llm_lora_rank: int | None = None
+    llm_lora_alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    llm_lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
 
     def check(self) -> None:
         super().check()
         for name in ("batch_size", "epochs", "gradient_accumulation_steps", "log_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected at least 1")
+        _ = self.llm_lora  # checks the rank and the module names
+
+    @property
+    def llm_lora(self) -> LoraSpec | None:
+        """The LoRA spec (``medcap.models.lora.LoraSpec``), or None: the LLM stays frozen."""
+        from medcap.models.lora import LoraSpec
+
+        if self.llm_lora_rank is None:
+            return None
+        return LoraSpec(self.llm_lora_rank, self.llm_lora_alpha, tuple(self.llm_lora_modules))
 
 
 @dataclass(frozen=True)
