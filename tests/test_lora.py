@@ -130,3 +130,34 @@ def test_lora_training_leaves_the_llm_file_byte_identical(workspace, tmp_path): 
     assert json.loads((out / "frozen_llm.json").read_text())["unchanged"] is True
     state = torch.load(out / "checkpoint" / "recipe_state.pt", weights_only=True)
     assert all(torch.equal(state["model"][LORA_KEY][k], lora[k]) for k in lora)
+
+
+def test_a_second_lora_checkpoint_loads_its_own_adapters(tiny_decoder, tmp_path):
+    """The generate recipe builds the model for the first checkpoint and loads later ones into it."""
+    from medcap.models.checkpoints import load_vision_checkpoint
+
+    model = _lora_model(tiny_decoder).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_b." in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    path = atomic_save(vision_checkpoint_payload(model), tmp_path / "meta_model_1.pt")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.zero_()
+    load_vision_checkpoint(model, path)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_a_frozen_model_refuses_a_lora_checkpoint_loaded_into_it(tiny_decoder, tiny_spec, llm_dirs, tmp_path):
+    from helpers import load_tiny_decoder
+
+    from medcap.models.checkpoints import CheckpointMismatchError, load_vision_checkpoint
+
+    path = atomic_save(vision_checkpoint_payload(_lora_model(tiny_decoder)), tmp_path / "meta_model_0.pt")
+    frozen = build_medcap_model(load_tiny_decoder(tiny_spec, llm_dirs["meta"], "meta", tmp_path / "f"),
+                                image_token_id=IMAGE_ID, vision="vit_tiny", num_image_tokens=N)  # fmt: skip
+    with pytest.raises(CheckpointMismatchError, match="holds LLM LoRA weights"):
+        load_vision_checkpoint(frozen, path)

@@ -162,10 +162,19 @@ def load_vision_state(model: nn.Module, ckpt: VisionCheckpoint) -> None:
 
 
 def load_vision_checkpoint(model: nn.Module, path: str | Path) -> VisionCheckpoint:
-    """Load a vision checkpoint into an already built model (its N must match)."""
+    """Load a vision checkpoint into an already built model (its N must match), and its LLM
+    LoRA weights when it has them (the model must carry adapters of the same shape then)."""
+    from medcap.models.lora import load_lora_state, lora_spec_of
+
     ckpt = read_vision_checkpoint(path)
     ckpt.resolve_connector(None, model.num_image_tokens, model.llm_dim)
+    adapted = lora_spec_of(model.decoder) is not None
+    if adapted != (ckpt.lora is not None):
+        held = "holds LLM LoRA weights" if ckpt.lora is not None else "holds no LLM LoRA weights"
+        raise CheckpointMismatchError(f"{path}: {held}, unlike the model loaded before it; evaluate it on its own")
     load_vision_state(model, ckpt)
+    if ckpt.lora is not None:
+        load_lora_state(model.decoder, ckpt.lora["state"], f"{path} ['{LORA_KEY}']")
     return ckpt
 
 
