@@ -60,7 +60,8 @@ def test_every_demo_question_kind_is_reworded_and_the_options_are_kept():
 def test_text_checks_accept_the_right_reply_and_refuse_a_wrong_one():
     by_prompt = {p.prompt: p for p in TEXT_PROMPTS}
     legs = by_prompt["How many legs does a dog have? Answer with a number only."]
-    assert legs.check("4") and legs.check("A dog has 4 legs.") and not legs.check("Four is 3")
+    assert legs.check("4") and legs.check("A dog has four legs.") and not legs.check("3, not 4, is 3")
+    assert by_prompt["What is 2 + 2? Answer with a number only."].check("2 + 2 = 4")
     ice = by_prompt["Is ice hot? Answer yes or no."]
     assert ice.check("No, ice is cold.") and not ice.check("Yes")
     upper = by_prompt["Write the word hello in capital letters only."]

@@ -34,10 +34,17 @@ def reword(question: str) -> str:
     raise RewordError(f"no fixed rewording for the question {question!r}: add one to medcap.claims.probes.REWORDINGS")
 
 
+NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve".split())}  # fmt: skip
+
+
 def _number(expected: int) -> Callable[[str], bool]:
+    """The last number the reply states, in digits or words ("2 + 2 = 4", "A dog has four legs.")."""
+
     def check(reply: str) -> bool:
-        found = re.search(r"-?\d+", reply)
-        return found is not None and int(found.group()) == expected
+        found = re.findall(r"\d+|[a-z]+", reply.lower())
+        numbers = [int(w) if w.isdigit() else NUMBER_WORDS[w] for w in found if w.isdigit() or w in NUMBER_WORDS]
+        return bool(numbers) and numbers[-1] == expected
 
     return check
 
