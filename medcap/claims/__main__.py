@@ -1,6 +1,6 @@
-import sys
+"""``python -m medcap.claims``: the seed's first claim, measured (``medcap.claims.pipeline``)."""
 
 from medcap.claims.pipeline import main
 from medcap.errors import run_main
 
-sys.exit(run_main(main))
+run_main(main, prog="claims")
