@@ -129,7 +129,7 @@ def write_claims(work: Path, plan: Any, chosen: dict, results: dict, untouched: 
              "kept": i in table["text_prompts_kept"]}
             for i, p in enumerate(TEXT_PROMPTS)
         ],  # fmt: skip
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores",
+        "machine": f"{platform.machine()}, {_cpu_name()}, {_cores()} cores",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": round(seconds, 1),
     }
@@ -138,6 +138,20 @@ def write_claims(work: Path, plan: Any, chosen: dict, results: dict, untouched: 
     atomic_write(work / "claims.html", lambda f: f.write(page.encode("utf-8")))
     print("\n" + "\n".join(claims_lines(summary)) + f"\n\n{work / 'claims.json'}\n{work / 'claims.html'}", flush=True)
     return summary
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def _cores() -> int:
@@ -178,7 +192,7 @@ def claims_html(summary: dict[str, Any]) -> str:
         for p in summary["text_prompts"]
     )
     lrs = "; ".join(
-        f"{e(v)}: {c['chosen']:g} (" + ", ".join(f"{r['lr']:g}: CIDEr {r['val_CIDEr']}" for r in c["grid"]) + ")"
+        f"{e(v)}: {c['chosen']:g} (" + ", ".join(f"{r['lr']:g}: CIDEr {_num(r['val_CIDEr'])}" for r in c["grid"]) + ")"
         for v, c in summary["learning_rates"].items()
     )
     variants = "".join(f"<li>{e(v)}</li>" for v in summary["variants"].values())
