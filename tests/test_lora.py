@@ -161,3 +161,13 @@ def test_a_frozen_model_refuses_a_lora_checkpoint_loaded_into_it(tiny_decoder, t
                                 image_token_id=IMAGE_ID, vision="vit_tiny", num_image_tokens=N)  # fmt: skip
     with pytest.raises(CheckpointMismatchError, match="holds LLM LoRA weights"):
         load_vision_checkpoint(frozen, path)
+
+
+def test_lora_settings_from_the_command_line():
+    from medcap.settings import TrainSettings
+
+    assert TrainSettings.from_config({}).llm_lora is None  # medcap: the LLM stays frozen
+    s = TrainSettings.from_config({"llm_lora_rank": "8", "llm_lora_modules": ["q_proj", "v_proj"]}, "full_finetune")
+    assert s.llm_lora == LoraSpec(8, 16.0, ("q_proj", "v_proj"))
+    with pytest.raises(ConfigError, match="llm_lora_modules"):
+        TrainSettings.from_config({"llm_lora_rank": 8, "llm_lora_modules": ["o_proj"]})
