@@ -69,6 +69,12 @@ def test_lora_starts_as_the_base_model(tiny_decoder, tiny_spec, llm_dirs, tmp_pa
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(adapted(tokens), plain(tokens), atol=1e-5)
+    # and from the same random vision side as the frozen model under the same seed
+    torch.manual_seed(0)
+    frozen = build_medcap_model(plain, image_token_id=IMAGE_ID, vision="vit_tiny", num_image_tokens=N)
+    for part in ("visual", "projector"):
+        a, b = getattr(frozen, part).state_dict(), getattr(adapted, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
 def test_checkpoint_holds_the_adapters_and_reloads_to_the_same_outputs(tiny_decoder, tiny_spec, llm_dirs, tmp_path):

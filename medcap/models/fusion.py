@@ -265,10 +265,6 @@ def build_medcap_model(
             if llm_lora is not None and llm_lora != saved_lora:
                 raise ValueError(f"{vision_checkpoint}: holds LoRA {saved_lora}, but {llm_lora} was asked for")
             llm_lora = saved_lora
-    if llm_lora is not None:
-        apply_lora(decoder, llm_lora)
-        if ckpt is not None and ckpt.lora is not None:
-            load_lora_state(decoder, ckpt.lora["state"], f"{vision_checkpoint} ['{LORA_KEY}']")
     connector = connector or "cls_mlp"
     visual = build_vision_encoder(vision, vision_path, pretrained=vision_pretrained and ckpt is None)
     projector = build_connector(
@@ -284,6 +280,9 @@ def build_medcap_model(
         checkpoints.load_vision_state(model, ckpt)
         visual.weights = f"the vision checkpoint {ckpt.path}"
     set_trainable(model, freeze_vision_encoder)
-    if llm_lora is not None:
+    if llm_lora is not None:  # after the vision side: both variants draw the same random vision init
+        apply_lora(decoder, llm_lora)
+        if ckpt is not None and ckpt.lora is not None:
+            load_lora_state(decoder, ckpt.lora["state"], f"{vision_checkpoint} ['{LORA_KEY}']")
         enable_lora_training(decoder)
     return model
