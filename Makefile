@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # This machine's pip.conf names local indexes that may be absent; hide only that noise.
 PIP_QUIET := 2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: demo smoke serve test test-quick lint install java chromium clean vllm vllm-install test-vllm
+.PHONY: demo claims smoke serve test test-quick lint install java chromium clean vllm vllm-install test-vllm
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ chromium:
 # images on the CPU; data and the converted LLM are reused on later runs
 demo: install java
 	$(PY) -m medcap.demo --output_dir demo_output
+
+# the seed's first claim (about 15 minutes on 2 cores): medcap (LLM frozen) against the LLM adapted
+# with LoRA, both trained on the demo's image-caption pairs only; demo_output/claims/claims.{json,html}
+claims: install java
+	$(PY) -m medcap.claims --output_dir demo_output
 
 # the model `make demo` trained (its last epoch) behind an OpenAI-compatible API and a web page:
 # http://127.0.0.1:8000/ ; more settings as key=value in SERVE_ARGS (port=8080 max_batch_size=16 ...)

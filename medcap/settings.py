@@ -26,6 +26,9 @@ import torch
 
 from medcap.errors import ConfigError, MedcapError
 
+if typing.TYPE_CHECKING:
+    from medcap.models.lora import LoraSpec
+
 log = logging.getLogger("medcap")
 S = TypeVar("S", bound="RecipeSettings")
 # a torchtune config node (``_component_`` plus arguments), kept as the config's node and
@@ -223,6 +226,12 @@ class TrainSettings(ModelSettings):
     save_initial_checkpoint: bool = False  # initial_vision.pt: the vision side at step 0
     metric_logger: Component = None
     log_every_n_steps: int = 1
+    # The usual recipe, for comparison (``make claims``): the LLM adapted with torchtune's LoRA at
+    # this rank as well; None (medcap): the LLM stays frozen. Only the adapters and the vision side
+    # learn; the adapters are saved in the vision checkpoint (``llm_lora``), the LLM file is untouched.
+    llm_lora_rank: int | None = None
+    llm_lora_alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    llm_lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
 
     def check(self) -> None:
         super().check()
@@ -234,6 +243,16 @@ class TrainSettings(ModelSettings):
                 f"optimizer_in_bwd=True steps each tensor as soon as its gradient exists: it needs clip_grad_norm=null "
                 f"(is {self.clip_grad_norm}) and gradient_accumulation_steps=1 (is {self.gradient_accumulation_steps})"
             )
+        _ = self.llm_lora  # checks the rank and the module names
+
+    @property
+    def llm_lora(self) -> LoraSpec | None:
+        """The LoRA spec (``medcap.models.lora.LoraSpec``), or None: the LLM stays frozen."""
+        from medcap.models.lora import LoraSpec
+
+        if self.llm_lora_rank is None:
+            return None
+        return LoraSpec(self.llm_lora_rank, self.llm_lora_alpha, tuple(self.llm_lora_modules))
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from medcap.data.collate import build_dataloader
 from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
-from medcap.errors import run_main
+from medcap.errors import ConfigError, run_main
 from medcap.estimate.preflight import preflight
 from medcap.io import atomic_write_json, ensure_writable
 from medcap.models.assembly import autocast, build_model, resolve_precision
 from medcap.models.checkpoints import atomic_save, load_checked, vision_checkpoint_payload
 from medcap.models.fusion import count_parameters, frozen_fingerprint
+from medcap.models.lora import LORA_KEY, load_lora_state, lora_state
 from medcap.settings import TrainSettings
 from medcap.training import (
     INITIAL_CHECKPOINT,
@@ -97,12 +98,15 @@ class VisionFinetuneRecipe:
         # torchtune seeds each rank with seed + rank; the randomly initialised vision side must be
         # the same on every rank (and as in a one-process run), so it is built under the base seed
         torch.manual_seed(self.seed)
-        model = build_model(s, self.tokenizer, self.llm_dtype)
+        if s.llm_lora is not None and self.distributed:
+            raise ConfigError("llm_lora_rank: the LoRA comparison runs in one process (full_finetune_single_device)")
+        model = build_model(s, self.tokenizer, self.llm_dtype, llm_lora=s.llm_lora)
         training.set_seed(seed=self.seed)
         trainable, frozen = count_parameters(model)
+        lora = f" + LLM LoRA rank {s.llm_lora.rank} on {','.join(s.llm_lora.modules)}" if s.llm_lora else ""
         self._print(
             f"model: {trainable:,} trainable parameters (vision encoder {model.visual.name} + "
-            f"{model.projector.kind} connector, {model.num_image_tokens} image tokens), {frozen:,} frozen (LLM)"
+            f"{model.projector.kind} connector, {model.num_image_tokens} image tokens{lora}), {frozen:,} frozen (LLM)"
         )
         self._print(f"vision encoder weights: {model.visual.weights}")
         state = (
@@ -111,6 +115,8 @@ class VisionFinetuneRecipe:
         if state is not None:
             load_checked(model.visual.tower, state["model"]["visual"], "recipe_state ['visual']")
             load_checked(model.projector, state["model"]["projector"], "recipe_state ['projector']")
+            if s.llm_lora is not None:
+                load_lora_state(model.decoder, state["model"][LORA_KEY], f"recipe_state ['{LORA_KEY}']")
             self.epoch, self.global_step, self.batches_done = (
                 state["epoch"],
                 state["step"],
@@ -305,6 +311,10 @@ class VisionFinetuneRecipe:
             training.gather_cpu_state_dict(self.model.projector, self.is_rank_zero),
         )
 
+    def _lora_states(self) -> dict:
+        """The LLM's LoRA weights for the recipe state (one process only), or nothing."""
+        return {LORA_KEY: lora_state(self.model.decoder)} if self.settings.llm_lora is not None else {}
+
     def _optimizer_state(self) -> dict:
         if not self.distributed:
             return self.optimizer.state_dict()
@@ -351,7 +361,7 @@ class VisionFinetuneRecipe:
         if not self.is_rank_zero:
             return
         state = {
-            "model": {"visual": states[0], "projector": states[1]},
+            "model": {"visual": states[0], "projector": states[1], **self._lora_states()},
             "optimizer": optimizer,
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.epoch if epoch is None else epoch,

@@ -30,6 +30,7 @@ from medcap.errors import ConfigError
 from medcap.models.checkpoints import CorruptCheckpointError, load_checked, refuse_unsafe
 from medcap.models.fusion import MedcapModel, build_medcap_model
 from medcap.models.llms import decoder_from_state
+from medcap.models.lora import LoraSpec
 from medcap.settings import ModelSettings, parse_dtype
 
 log = logging.getLogger("medcap")
@@ -129,9 +130,14 @@ def build_llm(cfg_model: DictConfig, checkpointer: Any, dtype: torch.dtype) -> T
 
 
 def fuse_vision_side(
-    settings: ModelSettings, decoder: TransformerDecoder, tokenizer: Any, vision_checkpoint: str | Path | None = None
+    settings: ModelSettings,
+    decoder: TransformerDecoder,
+    tokenizer: Any,
+    vision_checkpoint: str | Path | None = None,
+    llm_lora: LoraSpec | None = None,
 ) -> MedcapModel:
-    """The vision side the settings name, joined to ``decoder``."""
+    """The vision side the settings name, joined to ``decoder`` (adapted with ``llm_lora``, or
+    as a checkpoint holding LoRA weights was)."""
     return build_medcap_model(
         decoder,
         image_token_id=image_token_id(tokenizer),
@@ -143,6 +149,7 @@ def fuse_vision_side(
         vision_pretrained=settings.vision_pretrained,
         freeze_vision_encoder=settings.freeze_vision_encoder,
         turn_end_ids=getattr(tokenizer, "stop_tokens", ()),
+        llm_lora=llm_lora,
     )
 
 
@@ -154,15 +161,17 @@ def build_model(
     vision_dtype: torch.dtype = torch.float32,
     vision_checkpoint: Any = _FROM_SETTINGS,
     checkpointer: Any = None,
+    llm_lora: LoraSpec | None = None,
 ) -> MedcapModel:
     """The LLM (``model`` + ``checkpointer``) in ``llm_dtype``, then the vision side in
     ``vision_dtype``: fp32 for training (pure-bf16 AdamW rounds small updates away).
-    ``vision_checkpoint`` defaults to the settings' (one file)."""
+    ``vision_checkpoint`` defaults to the settings' (one file); ``llm_lora`` adds LoRA adapters
+    (fp32, as the vision side) to the LLM for training."""
     if vision_checkpoint is _FROM_SETTINGS:
         vision_checkpoint = settings.vision_checkpoint
     checkpointer = checkpointer if checkpointer is not None else config.instantiate(settings.checkpointer)
     llm = build_llm(settings.model, checkpointer, llm_dtype)
-    model = fuse_vision_side(settings, llm, tokenizer, vision_checkpoint)
+    model = fuse_vision_side(settings, llm, tokenizer, vision_checkpoint, llm_lora)
     model.visual.to(vision_dtype)
     model.projector.to(vision_dtype)
     return model

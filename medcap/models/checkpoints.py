@@ -4,7 +4,8 @@ holds only what learned, the strict loader every load goes through, and export t
 Vision checkpoint layout (``meta_model_{epoch}.pt``, and the original release ``last.pt``)::
 
     {"visual": <open_clip image-tower state dict>, "projector": <connector state dict>,
-     "medcap": {"encoder", "connector", "num_image_tokens", "llm_dim", "epoch", "step", "config"}}
+     "medcap": {"encoder", "connector", "num_image_tokens", "llm_dim", "epoch", "step", "config"},
+     "llm_lora": {"rank", "alpha", "modules", "state"}}   # only when the LLM was adapted (LoRA)
 
 The original's earliest files were flat (``visual.*`` / ``projector.*`` keys); both load.
 """
@@ -26,6 +27,7 @@ from torch import nn
 from medcap.errors import MedcapError
 from medcap.io import atomic_write, atomic_write_json
 from medcap.models.connectors import connector_spec
+from medcap.models.lora import LORA_KEY, lora_payload
 
 log = logging.getLogger("medcap")
 
@@ -43,6 +45,7 @@ class VisionCheckpoint:
     visual: dict[str, torch.Tensor]
     projector: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None  # the LLM's LoRA spec and weights (medcap.models.lora), if adapted
 
     def resolve_connector(
         self, connector: str | None, num_image_tokens: int | None, llm_dim: int
@@ -119,7 +122,7 @@ def read_vision_checkpoint(path: str | Path) -> VisionCheckpoint:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of state dicts, found {type(obj).__name__}")
     if isinstance(obj.get("visual"), dict) and isinstance(obj.get("projector"), dict):
-        return VisionCheckpoint(path, obj["visual"], obj["projector"], dict(obj.get(MEDCAP_KEY) or {}))
+        return VisionCheckpoint(path, obj["visual"], obj["projector"], dict(obj.get(MEDCAP_KEY) or {}), obj.get(LORA_KEY))
     visual = {k[len("visual.") :]: v for k, v in obj.items() if k.startswith("visual.")}
     projector = {k[len("projector.") :]: v for k, v in obj.items() if k.startswith("projector.")}
     if visual and projector:
@@ -159,10 +162,19 @@ def load_vision_state(model: nn.Module, ckpt: VisionCheckpoint) -> None:
 
 
 def load_vision_checkpoint(model: nn.Module, path: str | Path) -> VisionCheckpoint:
-    """Load a vision checkpoint into an already built model (its N must match)."""
+    """Load a vision checkpoint into an already built model (its N must match), and its LLM
+    LoRA weights when it has them (the model must carry adapters of the same shape then)."""
+    from medcap.models.lora import load_lora_state, lora_spec_of
+
     ckpt = read_vision_checkpoint(path)
     ckpt.resolve_connector(None, model.num_image_tokens, model.llm_dim)
+    adapted = lora_spec_of(model.decoder) is not None
+    if adapted != (ckpt.lora is not None):
+        held = "holds LLM LoRA weights" if ckpt.lora is not None else "holds no LLM LoRA weights"
+        raise CheckpointMismatchError(f"{path}: {held}, unlike the model loaded before it; evaluate it on its own")
     load_vision_state(model, ckpt)
+    if ckpt.lora is not None:
+        load_lora_state(model.decoder, ckpt.lora["state"], f"{path} ['{LORA_KEY}']")
     return ckpt
 
 
@@ -180,14 +192,16 @@ def vision_checkpoint_payload(
     dtype: torch.dtype | None = None,
     states: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
-    """Only the trainable side, on the CPU, in the original layout plus a ``medcap`` entry.
+    """Only the trainable side, on the CPU, in the original layout plus a ``medcap`` entry, and
+    an ``llm_lora`` entry when the LLM carries LoRA adapters (the base LLM file never changes).
     ``states`` gives (visual, projector) state dicts already gathered (FSDP2 runs)."""
 
     def cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in state.items()}
 
     visual, projector = states or (model.visual.tower.state_dict(), model.projector.state_dict())
-    return {
+    lora = lora_payload(model.decoder)
+    payload = {
         "visual": cpu(visual),
         "projector": cpu(projector),
         MEDCAP_KEY: {
@@ -203,6 +217,9 @@ def vision_checkpoint_payload(
             "config": config or {},
         },
     }
+    if lora is not None:
+        payload[LORA_KEY] = lora
+    return payload
 
 
 def save_vision_checkpoint(model: nn.Module, path: str | Path, **meta: Any) -> Path:

@@ -20,6 +20,7 @@ from torchtune.modules import TransformerDecoder
 from medcap.errors import MedcapError
 from medcap.models import checkpoints
 from medcap.models.connectors import build_connector
+from medcap.models.lora import LORA_KEY, LoraSpec, apply_lora, enable_lora_training, load_lora_state
 from medcap.models.vision import VisionEncoder, build_vision_encoder
 
 
@@ -241,6 +242,7 @@ def build_medcap_model(
     vision_pretrained: bool = False,
     freeze_vision_encoder: bool = False,
     turn_end_ids: Sequence[int] = (),
+    llm_lora: LoraSpec | None = None,
 ) -> MedcapModel:
     """Join ``decoder`` (LLM weights already loaded) with a vision encoder and connector.
 
@@ -249,7 +251,9 @@ def build_medcap_model(
     ``connector`` defaults to ``cls_mlp``. Without a checkpoint, ``vision_pretrained`` starts
     the encoder from its pretrained weights (BiomedCLIP's, from the hub cache), where it has
     some; a checkpoint alone decides the weights (no hub lookup). ``turn_end_ids`` (the tokenizer's ``stop_tokens``)
-    tell the question connectors where the user's question ends.
+    tell the question connectors where the user's question ends. ``llm_lora`` adapts the LLM's
+    projections with LoRA (only the adapters learn); a checkpoint holding LoRA weights adapts
+    the LLM as it was trained and loads them.
     """
     llm_dim = decoder_width(decoder)
     ckpt = None
@@ -261,6 +265,11 @@ def build_medcap_model(
             raise ValueError(
                 f"{vision_checkpoint}: trained with vision={saved_encoder}, but vision={vision} was asked for"
             )
+        if ckpt.lora is not None:
+            saved_lora = LoraSpec.from_dict(ckpt.lora)
+            if llm_lora is not None and llm_lora != saved_lora:
+                raise ValueError(f"{vision_checkpoint}: holds LoRA {saved_lora}, but {llm_lora} was asked for")
+            llm_lora = saved_lora
     connector = connector or "cls_mlp"
     visual = build_vision_encoder(vision, vision_path, pretrained=vision_pretrained and ckpt is None)
     projector = build_connector(
@@ -276,4 +285,9 @@ def build_medcap_model(
         checkpoints.load_vision_state(model, ckpt)
         visual.weights = f"the vision checkpoint {ckpt.path}"
     set_trainable(model, freeze_vision_encoder)
+    if llm_lora is not None:  # after the vision side: both variants draw the same random vision init
+        apply_lora(decoder, llm_lora)
+        if ckpt is not None and ckpt.lora is not None:
+            load_lora_state(decoder, ckpt.lora["state"], f"{vision_checkpoint} ['{LORA_KEY}']")
+        enable_lora_training(decoder)
     return model

@@ -1,0 +1,43 @@
+"""Paired differences (a) - (b) on the same items with a bootstrap interval, and the plain
+verdict the claims table gives for each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import bootstrap
+
+FROZEN_BETTER, NO_CLEAR_DIFFERENCE, FROZEN_WORSE = "frozen better", "no clear difference", "frozen worse"
+
+
+def paired_interval(
+    frozen: Sequence[float], adapted: Sequence[float], *, confidence: float = 0.95, seed: int = 0,
+    n_resamples: int = 2000,
+) -> dict[str, float]:
+    """Mean of ``frozen`` minus mean of ``adapted`` (one score per item, the same items in the
+    same order) with a paired percentile-bootstrap interval."""
+    a, b = np.asarray(frozen, dtype=float), np.asarray(adapted, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired scores need the same items: {a.shape} vs {b.shape}")
+    if a.size == 0:
+        raise ValueError("no items to compare")
+    diff = float(a.mean() - b.mean())
+    if a.size < 2 or np.all(a - b == (a - b)[0]):  # every item differs alike: no spread to resample
+        return {"n": int(a.size), "frozen": float(a.mean()), "adapted": float(b.mean()), "difference": diff,
+                "ci_low": diff, "ci_high": diff, "confidence": confidence}  # fmt: skip
+    ci = bootstrap((a, b), lambda p, q: p.mean() - q.mean(), paired=True, vectorized=False,
+                   n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                   random_state=seed).confidence_interval  # fmt: skip
+    return {"n": int(a.size), "frozen": float(a.mean()), "adapted": float(b.mean()), "difference": diff,
+            "ci_low": float(ci.low), "ci_high": float(ci.high), "confidence": confidence}  # fmt: skip
+
+
+def verdict(interval: dict[str, float]) -> str:
+    """"frozen better" when the whole interval is above zero, "frozen worse" when below, else
+    "no clear difference" (an interval touching zero included)."""
+    if interval["ci_low"] > 0:
+        return FROZEN_BETTER
+    if interval["ci_high"] < 0:
+        return FROZEN_WORSE
+    return NO_CLEAR_DIFFERENCE
