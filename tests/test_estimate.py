@@ -212,3 +212,10 @@ def test_recipes_run_the_preflight_before_reading_anything(monkeypatch, tmp_path
     run = recipe.VisionFinetuneRecipe(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
     with pytest.raises(PreflightError):
         run.setup()
+
+
+def test_scaled_rope_models_are_traced():
+    """Llama 3.1/3.2's scaled RoPE refuses to run before rope_init: the fake model rebuilds it."""
+    cfg = train_cfg("model._component_=torchtune.models.llama3_2._component_builders.llama3_2")
+    est = estimate(cfg, options(), device(2**34))
+    assert est.peak_bytes > 0 and sum(est.breakdown.values()) == est.peak_bytes

@@ -94,9 +94,17 @@ def fake_mode() -> FakeTensorMode:
 
 
 def to_fake(model: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
-    """Fake CPU storage for every parameter and buffer (requires_grad kept)."""
+    """Fake CPU storage for every parameter and buffer (requires_grad kept). Scaled RoPE (Llama
+    3.1/3.2) builds no table on the meta device and its ``rope_init`` reads values: it gets a
+    fake table of the right shape."""
     with mode:
-        return model.to_empty(device="cpu")
+        model = model.to_empty(device="cpu")
+        for module in model.modules():
+            if getattr(module, "is_cache_built", True) is False:
+                table = torch.empty(module.max_seq_len, module.dim // 2, 2)
+                module.register_buffer("cache", table, persistent=False)
+                module.is_cache_built = True
+    return model
 
 
 def parameter_bytes(model: torch.nn.Module, trainable: bool) -> int:
