@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from medcap.claims.probes import TEXT_PROMPTS, reword
+from medcap.claims.variants import LORA_ALPHA, LORA_RANK, VARIANTS
 from medcap.demo.pipeline import (
     EVAL_CONFIG,
     ROOT,
@@ -42,13 +43,7 @@ from medcap.demo.pipeline import (
 )
 from medcap.evaluation.outputs import EvalOutputs
 
-LORA_RANK = 8
-LORA_ALPHA = 16.0
 LR_GRID = (3e-4, 1e-3)  # the same grid for both variants
-VARIANTS = {
-    "frozen": "(a) medcap: vision encoder + connector, LLM frozen",
-    "lora": f"(b) vision encoder + connector + LLM LoRA (rank {LORA_RANK}, alpha {LORA_ALPHA:g}, attention and MLP)",
-}
 
 
 @dataclass(frozen=True)

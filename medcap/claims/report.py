@@ -13,6 +13,7 @@ from typing import Any
 
 from medcap.claims.probes import TEXT_PROMPTS
 from medcap.claims.stats import paired_interval, verdict
+from medcap.claims.variants import LORA_ALPHA, LORA_MODULES, LORA_RANK, VARIANTS
 from medcap.io import atomic_write, atomic_write_json
 
 # (claim, what it asks, the measure its verdict rests on, every measure shown under it)
@@ -111,13 +112,10 @@ def compare(results: dict[str, dict[str, Any]], untouched: list[str]) -> dict[st
 def write_claims(work: Path, plan: Any, chosen: dict, results: dict, untouched: list[str], table: dict,
                  seconds: float) -> dict[str, Any]:  # fmt: skip
     """``claims.json`` (every figure) and ``claims.html`` (the table, the prompts, the replies)."""
-    from medcap.claims.pipeline import LORA_ALPHA, LORA_RANK, VARIANTS
-
     summary = {
         "what": "medcap (LLM frozen) vs the LLM adapted with LoRA, both trained on image-caption pairs only",
         "variants": VARIANTS,
-        "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA,
-                 "modules": ["q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"]},  # fmt: skip
+        "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "modules": list(LORA_MODULES)},
         "plan": asdict(plan),
         "learning_rates": {v: {"chosen": c["lr"], "checkpoint": str(c["checkpoint"]), "grid": c["runs"]}
                            for v, c in chosen.items()},  # fmt: skip

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import bootstrap
+
+from medcap.demo.stats import paired_interval as interval
 
 FROZEN_BETTER, NO_CLEAR_DIFFERENCE, FROZEN_WORSE = "frozen better", "no clear difference", "frozen worse"
 
@@ -16,21 +17,15 @@ def paired_interval(
     n_resamples: int = 2000,
 ) -> dict[str, float]:
     """Mean of ``frozen`` minus mean of ``adapted`` (one score per item, the same items in the
-    same order) with a paired percentile-bootstrap interval."""
+    same order) with a paired percentile-bootstrap interval (``medcap.demo.stats``)."""
     a, b = np.asarray(frozen, dtype=float), np.asarray(adapted, dtype=float)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired scores need the same items: {a.shape} vs {b.shape}")
     if a.size == 0:
         raise ValueError("no items to compare")
-    diff = float(a.mean() - b.mean())
-    if a.size < 2 or np.all(a - b == (a - b)[0]):  # every item differs alike: no spread to resample
-        return {"n": int(a.size), "frozen": float(a.mean()), "adapted": float(b.mean()), "difference": diff,
-                "ci_low": diff, "ci_high": diff, "confidence": confidence}  # fmt: skip
-    ci = bootstrap((a, b), lambda p, q: p.mean() - q.mean(), paired=True, vectorized=False,
-                   n_resamples=n_resamples, confidence_level=confidence, method="percentile",
-                   random_state=seed).confidence_interval  # fmt: skip
-    return {"n": int(a.size), "frozen": float(a.mean()), "adapted": float(b.mean()), "difference": diff,
-            "ci_low": float(ci.low), "ci_high": float(ci.high), "confidence": confidence}  # fmt: skip
+    d = interval(a, b, seed=seed, confidence=confidence, n_resamples=n_resamples)
+    return {"n": int(a.size), "frozen": float(a.mean()), "adapted": float(b.mean()), "difference": d["value"],
+            "ci_low": d["ci_low"], "ci_high": d["ci_high"], "confidence": confidence}  # fmt: skip
 
 
 def verdict(interval: dict[str, float]) -> str:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medcap.estimate.devices import DEVICES, GIB, Device, resolve_device
 from medcap.estimate.estimator import Estimate, Estimator, Options
+from medcap.recipe_files import resolve_config
 from medcap.settings import GenerateSettings, TrainSettings, _coerce, check_keys
 
 __all__ = ["DEVICES", "Device", "Estimate", "Options", "estimate", "report", "run_cli", "settings_for"]
@@ -113,8 +114,6 @@ def report(est: Estimate) -> str:
 
 
 def load_config(config: str, overrides: Sequence[str]) -> DictConfig:
-    from medcap.cli import resolve_config
-
     return OmegaConf.merge(OmegaConf.load(resolve_config(config)), OmegaConf.from_dotlist(list(overrides)))
 
 
