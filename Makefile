@@ -49,7 +49,7 @@ chromium:
 demo: install java
 	$(PY) -m medcap.demo --output_dir demo_output
 
-# the seed's first claim (about 15 minutes on 2 cores): medcap (LLM frozen) against the LLM adapted
+# the seed's first claim (about 17 minutes on 2 cores): medcap (LLM frozen) against the LLM adapted
 # with LoRA, both trained on the demo's image-caption pairs only; demo_output/claims/claims.{json,html}
 claims: install java
 	$(PY) -m medcap.claims --output_dir demo_output

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from medcap.claims.probes import TEXT_PROMPTS, RewordError, reword
-from medcap.claims.stats import FROZEN_BETTER, FROZEN_WORSE, NO_CLEAR_DIFFERENCE, paired_interval, verdict
+from medcap.claims.stats import (
+    FROZEN_BETTER,
+    FROZEN_WORSE,
+    MIN_ITEMS,
+    NO_CLEAR_DIFFERENCE,
+    TOO_FEW_ITEMS,
+    paired_interval,
+    verdict,
+)
 
 
 def _scores(p: float, n: int = 200, seed: int = 0) -> np.ndarray:
@@ -31,9 +39,20 @@ def test_the_same_model_twice_or_noise_is_no_clear_difference():
     tied = paired_interval(same, same)
     assert tied["difference"] == tied["ci_low"] == tied["ci_high"] == 0.0
     assert verdict(tied) == NO_CLEAR_DIFFERENCE
-    # a few items, one more right: the interval spans zero
-    a, b = np.array([1, 0, 1, 0, 1, 1.0]), np.array([1, 0, 1, 0, 0, 1.0])
+    # twelve items, one more right: the interval spans zero
+    a = np.array([1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 1, 0.0])
+    b = a.copy()
+    b[4] = 0
     assert verdict(paired_interval(a, b)) == NO_CLEAR_DIFFERENCE
+
+
+def test_too_few_items_give_no_verdict_whatever_the_interval():
+    """Nine items, every one right for (a) and wrong for (b): the interval is [1, 1], yet below
+    the minimum no claim is decided."""
+    few = paired_interval(np.ones(MIN_ITEMS - 1), np.zeros(MIN_ITEMS - 1))
+    assert few["ci_low"] == 1.0 and verdict(few) == TOO_FEW_ITEMS
+    enough = paired_interval(np.ones(MIN_ITEMS), np.zeros(MIN_ITEMS))
+    assert verdict(enough) == FROZEN_BETTER
 
 
 def test_the_interval_is_paired_not_two_independent_samples():
@@ -82,8 +101,10 @@ def test_quick_mode_end_to_end(tmp_path, smollm2, demo_slake):
     work = tmp_path / "claims_quick"
     saved = json.loads((work / "claims.json").read_text())
     assert saved["claims"] == summary["claims"] and len(saved["claims"]) == 4
-    assert all(c["verdict"] in (FROZEN_BETTER, NO_CLEAR_DIFFERENCE, FROZEN_WORSE, "no items") for c in saved["claims"])
-    assert (work / "claims.html").read_text().count("<tr") > 10
+    # 4 items per measure: below the minimum, so no claim is decided
+    assert all(c["verdict"] in (TOO_FEW_ITEMS, "no items") for c in saved["claims"])
+    page = (work / "claims.html").read_text()
+    assert page.count("<tr") > 10 and 'href="../report.html"' in page
     # (a)'s LLM is the untouched one: its plain-text replies are the untouched LLM's
     assert all(p["frozen"] == p["untouched"] for p in saved["text_prompts"])
     assert saved["measures"]["vqa_all"]["n"] == 4 and saved["measures"]["caption_rouge_l"]["n"] == 4

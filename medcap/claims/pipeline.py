@@ -13,7 +13,7 @@ mini SLAKE and SmolLM2-135M-Instruct, built by ``medcap.demo.pipeline.prepare`` 
 3. paired-bootstrap intervals of (a) - (b) per measure, a verdict per claim
    (``claims.json``, ``claims.html``).
 
-    python -m medcap.claims                 # the full run (about 15 minutes on 2 cores)
+    python -m medcap.claims                 # the full run (about 17 minutes on 2 cores)
     python -m medcap.claims --quick         # a check of the wiring: a few steps, a few items
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medcap.claims.probes import TEXT_PROMPTS
-from medcap.claims.stats import paired_interval, verdict
+from medcap.claims.stats import MIN_ITEMS, paired_interval, verdict
 from medcap.claims.variants import LORA_ALPHA, LORA_MODULES, LORA_RANK, VARIANTS
 from medcap.io import atomic_write, atomic_write_json
 
@@ -198,11 +198,14 @@ def claims_html(summary: dict[str, Any]) -> str:
 <style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}td,th{{border-bottom:1px solid #ddd;padding:.25em .5em;text-align:left}}
 table{{border-collapse:collapse}}tr.claim td{{background:#f3f3f3}}</style></head><body>
 <h1>Does a frozen LLM keep answering what it was never trained for?</h1>
+<p>The demo's own report (the same mini SLAKE, the model trained on questions and captions):
+<a href="../report.html">../report.html</a> (written by <code>make demo</code>).</p>
 <p>Two models trained on the same image-caption pairs only (no questions), the same steps, each with its
 learning rate picked on the validation captions:</p><ul>{variants}</ul>
 <p>Learning rates (validation CIDEr): {lrs}.</p>
 <p>Differences are (a) - (b) on the same test items with a 95% paired bootstrap interval; the verdict is
-"frozen better" or "frozen worse" when the interval excludes zero, else "no clear difference".
+"frozen better" or "frozen worse" when the interval excludes zero, else "no clear difference";
+"too few items" under {MIN_ITEMS} paired items, whatever the interval.
 (a)'s LLM is untouched, so its plain-text replies are the untouched LLM's.</p>
 <table><tr><th>measure</th><th>n</th><th>(a) frozen</th><th>(b) LoRA</th><th>(a) - (b) [95% CI]</th><th>verdict</th></tr>
 {''.join(rows)}</table>

@@ -10,6 +10,10 @@ import numpy as np
 from medcap.demo.stats import paired_interval as interval
 
 FROZEN_BETTER, NO_CLEAR_DIFFERENCE, FROZEN_WORSE = "frozen better", "no clear difference", "frozen worse"
+TOO_FEW_ITEMS = "too few items"
+# below this many paired items a percentile bootstrap of 0/1 scores is too coarse to lean on
+# (six items, one differing, can already give an interval that excludes zero)
+MIN_ITEMS = 10
 
 
 def paired_interval(
@@ -28,9 +32,12 @@ def paired_interval(
             "ci_low": d["ci_low"], "ci_high": d["ci_high"], "confidence": confidence}  # fmt: skip
 
 
-def verdict(interval: dict[str, float]) -> str:
+def verdict(interval: dict[str, float], min_items: int = MIN_ITEMS) -> str:
     """"frozen better" when the whole interval is above zero, "frozen worse" when below, else
-    "no clear difference" (an interval touching zero included)."""
+    "no clear difference" (an interval touching zero included); "too few items" under
+    ``min_items``, whatever the interval says."""
+    if interval["n"] < min_items:
+        return TOO_FEW_ITEMS
     if interval["ci_low"] > 0:
         return FROZEN_BETTER
     if interval["ci_high"] < 0:

@@ -345,6 +345,13 @@ def probe_section(probe: dict[str, Any] | None) -> str:
     return "<h2>Does training against the frozen LLM give better image features?</h2>" + probe_html(probe)
 
 
+# the demo's report and make claims' report (demo_output/claims/claims.html) point at each other
+CLAIMS_LINK = """<h2>Does a frozen LLM keep answering what it was never trained for?</h2>
+<p>The seed's first claim, medcap against the same vision side with the LLM adapted by LoRA, both trained on
+these captions only: <a href="claims/claims.html">claims/claims.html</a> (written by <code>make claims</code>
+into this folder; docs/claims.md in the repository).</p>"""
+
+
 def write_html(path: Path, summary: dict[str, Any], figure: Path, baseline: dict, trained: dict) -> Path:
     b, t = summary["baseline"], summary["trained"]
     rows = "".join(
@@ -390,6 +397,7 @@ gold answer's words found in the answer (LLaVA-Med's measure). Captions: pycocoe
 Greedy decoding. Total run {summary['seconds'].get('total', 0):.0f} s.</p>
 {reading_html(summary) if "image_reading" in summary else ""}
 {probe_section(summary.get("probe"))}
+{CLAIMS_LINK}
 <h2>Held-out test images</h2>
 {gallery(baseline, trained)}
 </body></html>"""
