@@ -1,7 +1,11 @@
 """The real model sizes on the CPU, beside the estimator's figures (not CI; bench/README.md).
 
-    nice -n 10 python bench/real_shape.py                 # Llama-3.2-1B shape (about 6 GB RAM)
-    nice -n 10 python bench/real_shape.py --shape 8b      # Llama-3-8B shape: about 22 GB RAM, all cores
+    python bench/real_shape.py                       # Llama-3.2-1B shape, bf16 (needs AVX-512/AMX to be quick)
+    python bench/real_shape.py --dtype fp32          # the same in fp32: about 10 GB RAM, 2 minutes on 2 AVX2 cores
+    python bench/real_shape.py --shape 8b            # Llama-3-8B shape: about 22 GB RAM, all cores
+
+On a CPU without AVX-512 or AMX, bf16 training's backward is about 100x slower than fp32
+(PyTorch's reference kernel for ``mm(g, W)``; bench/README.md): use ``--dtype fp32`` there.
 
 Writes, with random weights: a Meta-layout LLM folder (bf16 ``consolidated.00.pth`` +
 ``params.json``; tensors written one at a time, never a model in memory) and BiomedCLIP in the
@@ -28,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
-    # config, builder, Meta params.json, model_type
+    # config, builder, Meta params.json
     "1b": ("llama3_2/1B_full_single_device", "torchtune.models.llama3_2.llama3_2_1b",
            {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
             "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0,
@@ -132,6 +136,13 @@ def token_counts(tokenizer_path: Path, records: Path) -> tuple[int, int]:
     return len(longest["tokens"]), sum(1 for x in longest["labels"] if x != -100)
 
 
+def config_model_type(config_name: str) -> str:
+    """The training config's checkpointer.model_type: the generate config names the 8B's."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(ROOT / "recipes" / "configs" / f"{config_name}.yaml").checkpointer.model_type
+
+
 def medcap(args: list[str], env: dict) -> tuple[str, int]:
     """Run ``medcap ARGS`` in its own process: (stdout + stderr, its peak RSS in bytes)."""
     proc = subprocess.run([sys.executable, "-c", MAXRSS, *args], capture_output=True, text=True, cwd=ROOT, env=env)
@@ -173,7 +184,8 @@ def main() -> None:
                          f"answer_tokens={answer}", "gpu=cpu", "switches=False", "max_batch=False"], env)  # fmt: skip
     estimate = json.loads([line for line in est_out.splitlines() if line.startswith("{")][-1])
     gen = [*common, "test_metrics=True", f"dataset_source={records}", "limit=3", "batch_size=3",
-           "max_new_tokens=8", "temperature=0", "top_k=null", f"output_dir={work / 'eval'}"]  # fmt: skip
+           "max_new_tokens=8", "temperature=0", "top_k=null", f"output_dir={work / 'eval'}",
+           f"model._component_={builder}", f"checkpointer.model_type={config_model_type(config_name)}"]  # fmt: skip
     gen_out, gen_rss = medcap(["run", "generate", "--config", "custom_generation_config", *gen], env)
     print(f"machine: {machine()}")
     print(f"shape {args.shape}: training step at batch 1, {seq} tokens ({answer} labelled), dtype {args.dtype}, "

@@ -45,7 +45,20 @@ def resolve_precision(device: torch.device, dtype_name: str) -> torch.dtype:
     dtype = parse_dtype(dtype_name)
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"dtype={dtype_name}: this GPU has no bf16 support; use dtype=fp32")
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
+        log.warning(
+            "dtype=%s on a CPU where oneDNN has no bf16 kernels (no AVX-512 or AMX): PyTorch computes some bf16 matrix products here "
+            "(the input gradients of training's backward) with a single-threaded reference kernel, about 100x "
+            "slower than fp32 (docs/training.md); dtype=fp32 is much faster where the model fits in memory",
+            dtype_name,
+        )
     return dtype
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or AMX); without them, a bf16
+    ``x @ W`` with ``W`` not transposed (every frozen layer's input gradient) takes a naive path."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def autocast(device: torch.device, llm_dtype: torch.dtype):
