@@ -2,6 +2,8 @@
 
     medcap run full_finetune_single_device --config llama3/8B_full_single_device key=value ...   (docs/training.md)
     medcap run --nproc_per_node 8 full_finetune_distributed --config llama3/8B_full ...
+    medcap run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        full_finetune_distributed --config llama3/8B_full ...                                 (docs/multinode.md)
     medcap run generate --config custom_generation_config test_slake=True ...                   (docs/evaluation.md)
     medcap run probe --config probe labels=... vision_checkpoint=...                            (docs/probing.md)
     medcap serve --config smollm2/135M_demo_generation vision_checkpoint=... port=8000           (docs/serving.md)
@@ -54,18 +56,65 @@ def _run(argv: list[str]) -> None:
     if launcher_flags:  # any torchrun flag: launch worker processes
         args.training_script = str(recipe)
         args.training_script_args = recipe_args
-        if not args.rdzv_endpoint:
-            args.standalone = True
+        endpoint = _rendezvous(args, launcher_flags)
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.elastic.rendezvous.api import RendezvousError
 
         try:
             torchrun(args)
         except ChildFailedError as e:  # each rank printed its own error above
             failed = ", ".join(f"rank {f.local_rank} (exit code {f.exitcode})" for f in e.failures.values())
             raise MedcapError(f"{recipe.name}: {failed} failed; their messages are above") from None
+        except RendezvousError as e:
+            raise MedcapError(_rendezvous_failure(e, args, endpoint)) from None
         return
     sys.argv = [str(recipe), *recipe_args]
     runpy.run_path(str(recipe), run_name="__main__")
+
+
+def _rendezvous(args: argparse.Namespace, launcher_flags: list[str]) -> str | None:
+    """Where the nodes meet. One node: torchrun's standalone rendezvous on a free port, unless
+    an endpoint is named. Several (``--nnodes 2``, ``--nnodes 1:4``): every node must name the
+    same endpoint, the first node's address (``--rdzv_endpoint HOST:PORT``, or the static
+    rendezvous' ``--master_addr HOST --master_port PORT``); a standalone rendezvous there would
+    wait forever for nodes that look for it elsewhere. Returns the endpoint, for messages."""
+    from torch.distributed.run import parse_min_max_nnodes
+
+    _, max_nodes = parse_min_max_nnodes(args.nnodes)
+    names_master = any(f.split("=")[0] in ("--master_addr", "--master-addr") for f in launcher_flags)
+    if args.standalone or max_nodes == 1 and not args.rdzv_endpoint:
+        args.standalone = True
+        return None
+    if not args.rdzv_endpoint and not names_master:
+        raise MedcapError(
+            f"--nnodes {args.nnodes}: every node must name the same rendezvous, on the first node: "
+            "--rdzv_backend c10d --rdzv_endpoint HOST:PORT (see the README's 'More than one machine')"
+        )
+    return args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
+
+
+def _rendezvous_failure(e: BaseException, args: argparse.Namespace, endpoint: str | None) -> str:
+    """One line for a rendezvous that failed: which endpoint, after how long, what to check."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
+    from torch.distributed.elastic.rendezvous.utils import _parse_rendezvous_config
+
+    conf = _parse_rendezvous_config(args.rdzv_conf or "")
+    where = f"the rendezvous at {endpoint or 'localhost'} ({args.rdzv_backend})"
+    if isinstance(e, RendezvousConnectionError):
+        read = conf.get("read_timeout", "60")
+        return (
+            f"cannot reach {where}, gave up after read_timeout={read} s a try: is the first node's "
+            "'medcap run' started, is HOST its address as this node sees it, is PORT open between the nodes? "
+            "(--rdzv_conf read_timeout=SECONDS)"
+        )
+    if isinstance(e, RendezvousTimeoutError):
+        join = conf.get("join_timeout", "600")
+        return (
+            f"{where}: not every node joined within join_timeout={join} s (--nnodes {args.nnodes}): "
+            "is 'medcap run' started on every node with the same --rdzv_endpoint and --rdzv_id? "
+            "(--rdzv_conf join_timeout=SECONDS)"
+        )
+    return f"{where} failed: {type(e).__name__}: {e}"
 
 
 def _ls(_: list[str]) -> None:

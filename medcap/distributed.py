@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import socket
+import time
+import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torchtune import training
 from torchtune.utils import get_device, get_world_size_and_rank
+
+from medcap.errors import ConfigError
 
 
 def launched_by_torchrun() -> bool:
@@ -41,3 +47,41 @@ def end_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def several_nodes() -> bool:
+    """True when this run's ranks span more than one launcher (``medcap run --nnodes 2``):
+    torchrun's WORLD_SIZE counts every rank, LOCAL_WORLD_SIZE this node's."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def require_shared_folder(folder: str | Path, key: str, wait_s: float = 10.0) -> None:
+    """On several nodes, prove that every rank sees ``folder`` as rank 0 does: rank 0 writes a
+    file of a new name there, every rank looks for it (for up to ``wait_s``: a network
+    filesystem may show a new file late), and every rank raises the same one-line error naming
+    the hosts that do not see it. Rank 0 writes the checkpoints and merges the evaluation's
+    per-rank files, and every rank reads the recipe state on resume: all of that needs one
+    folder every node mounts. One node, or no process group: nothing to check."""
+    if not (dist.is_available() and dist.is_initialized() and several_nodes()):
+        return
+    folder = Path(str(folder))
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:  # a new name: no node can have cached its absence
+        (folder / f".medcap-shared-{token[0]}").write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    probe = folder / f".medcap-shared-{token[0]}"
+    deadline = time.monotonic() + wait_s
+    while not (seen := probe.is_file() and probe.read_text() == token[0]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views: list[tuple[bool, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]  # type: ignore[misc]
+    if blind:
+        raise ConfigError(
+            f"{key}={folder} is not one folder shared by every node: {', '.join(blind)} cannot see "
+            f"the file rank 0 wrote there; on several machines {key} must be on a filesystem every "
+            "node mounts at the same path (NFS, Lustre, ...): rank 0 writes there what every rank reads"
+        )

@@ -28,7 +28,13 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from tqdm import tqdm
 
 from medcap.data.collate import build_dataloader
-from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
+from medcap.distributed import (
+    end_distributed,
+    launched_by_torchrun,
+    require_shared_folder,
+    setup_device,
+    world_size_and_rank,
+)
 from medcap.errors import ConfigError, run_main
 from medcap.estimate.preflight import preflight
 from medcap.io import atomic_write_json, ensure_writable
@@ -416,6 +422,8 @@ def recipe_main(cfg: DictConfig) -> None:
     # every folder the run writes, made and proven writable before any model is loaded
     ensure_writable([("output_dir", s.output_dir), ("checkpointer.output_dir", s.checkpointer.output_dir),
                      ("metric_logger.log_dir", (s.metric_logger or {}).get("log_dir"))])  # fmt: skip
+    # on several machines rank 0 writes the checkpoints and every rank reads them on resume
+    require_shared_folder(s.checkpointer.output_dir, "checkpointer.output_dir")
     recipe.setup()
     recipe.train()
     recipe.cleanup()

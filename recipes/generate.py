@@ -31,7 +31,13 @@ from omegaconf import DictConfig
 from torchtune import config
 from tqdm import tqdm
 
-from medcap.distributed import end_distributed, launched_by_torchrun, setup_device, world_size_and_rank
+from medcap.distributed import (
+    end_distributed,
+    launched_by_torchrun,
+    require_shared_folder,
+    setup_device,
+    world_size_and_rank,
+)
 from medcap.engines import VLLMClient
 from medcap.engines.remote import RemoteGenerator
 from medcap.errors import ConfigError, run_main
@@ -57,6 +63,8 @@ class EvaluationRecipe:
         # each rank takes its own GPU (LOCAL_RANK); a long timeout: rank 0 scores and judges alone
         self.device = setup_device(s.device, self.distributed, timeout=timedelta(hours=12))
         self.world_size, self.rank = world_size_and_rank()
+        # on several machines rank 0 merges the ranks' part files there: one folder every node mounts
+        require_shared_folder(s.output_dir, "output_dir")
         self.decoding = Decoding(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                  max_prompt_len=s.dataset_max_seq_len)  # fmt: skip
         self.answerer: Answerer | None = None
