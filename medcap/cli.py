@@ -100,6 +100,11 @@ def _rendezvous_failure(e: BaseException, args: argparse.Namespace, endpoint: st
 
     conf = _parse_rendezvous_config(args.rdzv_conf or "")
     where = f"the rendezvous at {endpoint or 'localhost'} ({args.rdzv_backend})"
+    if not _while_starting(e):  # the workers had started: another node's launcher went away
+        return (
+            f"lost {where} after the run had started: another node stopped (its error is in its own output; "
+            "this node's messages, if any, are above); this node's workers were stopped"
+        )
     if isinstance(e, RendezvousConnectionError):
         read = conf.get("read_timeout", "60")
         return (
@@ -115,6 +120,17 @@ def _rendezvous_failure(e: BaseException, args: argparse.Namespace, endpoint: st
             "(--rdzv_conf join_timeout=SECONDS)"
         )
     return f"{where} failed: {type(e).__name__}: {e}"
+
+
+def _while_starting(e: BaseException) -> bool:
+    """Whether the rendezvous failed while the workers were being started (the nodes never
+    met), not later, when torchrun's agent polls the rendezvous of a running job (a node whose
+    launcher has exited takes the c10d store with it if it was the first)."""
+    tb, names = e.__traceback__, set()
+    while tb is not None:
+        names.add(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return "_initialize_workers" in names or "_invoke_run" not in names
 
 
 def _ls(_: list[str]) -> None:

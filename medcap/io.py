@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -70,7 +71,8 @@ def ensure_writable(folders: Iterable[tuple[str, str | Path | None]]) -> None:
         folder = Path(str(folder))
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".medcap-write-test-{os.getpid()}"
+            # host and pid: ranks on two nodes of a shared filesystem may share a pid
+            probe = folder / f".medcap-write-test-{socket.gethostname()}-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:

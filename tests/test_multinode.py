@@ -27,8 +27,12 @@ def free_port() -> int:
 
 
 def launcher_env() -> dict[str, str]:
-    """The workers run the recipe files by path: medcap comes from this checkout."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    """The workers run the recipe files by path: medcap comes from this checkout. One thread per
+    worker, as torchrun gives the one-launcher run (it sets OMP_NUM_THREADS=1 only when
+    --nproc_per_node > 1): with two threads the matmuls reduce in another order, and the
+    losses differ in the 7th digit."""
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
 
 
 def node_flags(port: int, *conf: str) -> list[str]:
@@ -121,6 +125,7 @@ def test_two_nodes_evaluate_every_item_once_as_one_process(ws, tmp_path):  # noq
     assert not list(two.glob(".*.rank*")) and not list(two.glob(".medcap-shared-*"))
 
 
+@pytest.mark.slow
 def test_two_nodes_without_a_shared_output_folder_fail_with_one_line(ws, tmp_path):  # noqa: F811
     """Each node given its own output_dir, as two machines without a shared filesystem would
     have: both stop before any weight is read, saying which folder must be shared."""
@@ -131,7 +136,10 @@ def test_two_nodes_without_a_shared_output_folder_fail_with_one_line(ws, tmp_pat
     for code, out in results:
         assert code == 1
         assert "is not one folder shared by every node" in out and "cannot see the file rank 0 wrote" in out, out[-3000:]
-        assert out.rstrip().splitlines()[-1].startswith("error: generate.py: rank 0")
+        # the last line: this node's own failure, or (the other node having gone first, taking the
+        # c10d store with it) the run lost, never "cannot reach the rendezvous"
+        last = out.rstrip().splitlines()[-1]
+        assert last.startswith("error: generate.py: rank 0") or last.startswith("error: lost the rendezvous"), last
     assert not list(tmp_path.glob("node*_out/test_out_*"))  # nothing answered
 
 
