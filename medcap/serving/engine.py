@@ -239,7 +239,8 @@ class Engine:
         if job.finished:
             return
         req = job.request
-        if tok in self.stop_tokens:
+        if tok in self.stop_tokens:  # the text held back for a stop string that never came
+            self._deliver(job, self.tokenizer.decode(job.ids) if job.ids else "")
             self._end(job, None, "stop")
             return
         job.ids.append(tok)
