@@ -136,6 +136,7 @@ def test_eval_vqa_loads_the_whole_llm_for_its_judge(ws):
 
 
 def test_a_lora_checkpoint_is_refused(ws):
-    lora = f"vision_checkpoint={ws['root'] / 'lora' / 'meta_model_0.pt'}"
+    lora = ws["root"] / "lora" / "meta_model_0.pt"
     with pytest.raises(ConfigError, match="adapted with LoRA .* use engine=medcap"):
-        assembly.load_for_inference(settings(ws, "meta", lora), None, embeddings_only=True)
+        assembly.load_for_inference(settings(ws, "meta"), lora, embeddings_only=True)
+    assembly.load_for_inference(settings(ws, "meta"), lora)  # engine=medcap runs it
