@@ -79,10 +79,13 @@ class EvaluationRecipe:
         if self.answerer is None:
             s = self.settings
             preflight(s, self.device)  # before any weight is read: refuses a batch that cannot fit
-            loaded = load_for_inference(s, ckpt, device=self.device, compile=s.compile and self.vllm is None)
+            # engine=vllm: of the LLM only its embedding table, unless eval_vqa's in-process judge runs it here
+            embeddings_only = self.vllm is not None and not s.eval_vqa
+            loaded = load_for_inference(s, ckpt, device=self.device, compile=s.compile and self.vllm is None,
+                                        embeddings_only=embeddings_only)  # fmt: skip
             tqdm.write(f"vision encoder weights: {loaded.model.visual.weights}")
             remote = None
-            if self.vllm is not None:  # the LLM stays loaded here too: its embedding table (and eval_vqa's judge)
+            if self.vllm is not None:
                 model = loaded.model
                 served = self.vllm.connect(hidden_size=model.llm_dim, vocab_size=model.tok_embeddings.num_embeddings)
                 tqdm.write(f"engine: vLLM at {self.vllm.url} serving {served.id} (context {served.max_model_len})")

@@ -23,6 +23,19 @@ from helpers import (  # noqa: E402,E501
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """``MEDCAP_REQUIRE_VLLM=1`` (``make test-vllm``, so CI): a test marked ``vllm`` that skips
+    fails, whatever skipped it; a CI step that ran no vLLM must not pass."""
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("vllm")
+            and os.environ.get("MEDCAP_REQUIRE_VLLM") == "1"):  # fmt: skip
+        why = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"MEDCAP_REQUIRE_VLLM=1: a test marked vllm may not skip; it skipped: {why}"
+
+
 @pytest.fixture(scope="session")
 def tiny_spec() -> TinyLlama:
     return TinyLlama()

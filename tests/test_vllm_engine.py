@@ -2,7 +2,9 @@
 demo's SmolLM2 from prompt embeddings, in fp32: greedy answers equal medcap's own engine token for
 token (the oracle), the generate recipe writes the same answers and metrics, and ``medcap serve``
 streams the same text. Skipped, with the reason, only when there is no vLLM: no ``.vllm-venv``,
-no ``MEDCAP_VLLM_PYTHON`` (and no ``MEDCAP_VLLM_URL``, a server already running)."""
+no ``MEDCAP_VLLM_PYTHON`` (and no ``MEDCAP_VLLM_URL``, a server already running); with
+``MEDCAP_REQUIRE_VLLM=1`` (``make test-vllm``, hence CI) that is a failure, as is any skip of a test
+marked ``vllm`` (``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from medcap.engines.launch import VLLMServer, VLLMStartError, find_vllm_python
+from medcap.engines.launch import REQUIRE_VLLM_ENV, VLLMServer, VLLMStartError, find_vllm_python
 from medcap.evaluation.tasks import tasks_from_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +31,10 @@ def vllm_url(request, tmp_path_factory):
         return
     python = find_vllm_python(ROOT)
     if python is None:
-        pytest.skip("no vLLM: `make test-vllm` installs it in .vllm-venv (or set MEDCAP_VLLM_PYTHON)")
+        why = "no vLLM: `make test-vllm` installs it in .vllm-venv (or set MEDCAP_VLLM_PYTHON)"
+        if os.environ.get(REQUIRE_VLLM_ENV) == "1":
+            pytest.fail(f"{REQUIRE_VLLM_ENV}=1 but {why}")
+        pytest.skip(why)
     smollm2 = request.getfixturevalue("smollm2")
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     try:

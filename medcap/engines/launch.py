@@ -17,6 +17,7 @@ import httpx
 from medcap.errors import MedcapError
 
 VLLM_PYTHON_ENV = "MEDCAP_VLLM_PYTHON"
+REQUIRE_VLLM_ENV = "MEDCAP_REQUIRE_VLLM"  # =1 (make test-vllm, CI): a vllm test that skips fails instead
 
 
 class VLLMStartError(MedcapError):

@@ -28,6 +28,7 @@ from medcap.data.dataset import image_token_id
 from medcap.decoding import DecodeStep, compile_decoding
 from medcap.errors import ConfigError
 from medcap.models.checkpoints import CorruptCheckpointError, load_checked, refuse_unsafe
+from medcap.models.embeddings_only import build_token_embeddings
 from medcap.models.fusion import MedcapModel, build_medcap_model
 from medcap.models.llms import decoder_from_state
 from medcap.models.lora import LoraSpec
@@ -175,15 +176,21 @@ def build_model(
     vision_checkpoint: Any = _FROM_SETTINGS,
     checkpointer: Any = None,
     llm_lora: LoraSpec | None = None,
+    embeddings_only: bool = False,
 ) -> MedcapModel:
     """The LLM (``model`` + ``checkpointer``) in ``llm_dtype``, then the vision side in
     ``vision_dtype``: fp32 for training (pure-bf16 AdamW rounds small updates away).
     ``vision_checkpoint`` defaults to the settings' (one file); ``llm_lora`` adds LoRA adapters
-    (fp32, as the vision side) to the LLM for training."""
+    (fp32, as the vision side) to the LLM for training. ``embeddings_only`` (another engine runs
+    the LLM: ``engine=vllm``) reads only the LLM's token embedding table from ``checkpointer``'s
+    files (``medcap.models.embeddings_only``): no decoder layer is built or read."""
     if vision_checkpoint is _FROM_SETTINGS:
         vision_checkpoint = settings.vision_checkpoint
-    checkpointer = checkpointer if checkpointer is not None else config.instantiate(settings.checkpointer)
-    llm = build_llm(settings.model, checkpointer, llm_dtype)
+    if embeddings_only:
+        llm = build_token_embeddings(settings.model, settings.checkpointer, llm_dtype)
+    else:
+        checkpointer = checkpointer if checkpointer is not None else config.instantiate(settings.checkpointer)
+        llm = build_llm(settings.model, checkpointer, llm_dtype)
     model = fuse_vision_side(settings, llm, tokenizer, vision_checkpoint, llm_lora)
     model.visual.to(vision_dtype)
     model.projector.to(vision_dtype)
@@ -198,7 +205,7 @@ class Loaded:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype  # the LLM's; forwards run under ``autocast(device, dtype)``
-    step: DecodeStep  # compiled or eager
+    step: DecodeStep | None  # compiled or eager; None without the LLM's layers (embeddings_only)
     checkpoint: Path | None
 
 
@@ -209,15 +216,18 @@ def load_for_inference(
     device: torch.device | None = None,
     compile: bool = False,
     tokenizer: Any = None,
+    embeddings_only: bool = False,
 ) -> Loaded:
     """The tokenizer, the LLM in the settings' precision (the vision side fp32, run under
     autocast as in training), the vision checkpoint, eval mode, and the decode step (compiled
-    with ``compile``). An untrained encoder (no checkpoint) is drawn from the settings' seed."""
+    with ``compile``). An untrained encoder (no checkpoint) is drawn from the settings' seed.
+    ``embeddings_only``: of the LLM, only its token embedding table (``engine=vllm``)."""
     device = device or torch.device(settings.device)
     dtype = resolve_precision(device, settings.dtype)
     training.set_seed(seed=settings.seed)
     tokenizer = tokenizer if tokenizer is not None else config.instantiate(settings.tokenizer)
-    model = build_model(settings, tokenizer, dtype, vision_checkpoint=vision_checkpoint)
+    model = build_model(settings, tokenizer, dtype, vision_checkpoint=vision_checkpoint,
+                        embeddings_only=embeddings_only)  # fmt: skip
     model.to(device).eval()
-    step = compile_decoding(model) if compile else DecodeStep(model)
+    step = None if embeddings_only else compile_decoding(model) if compile else DecodeStep(model)
     return Loaded(model, tokenizer, device, dtype, step, vision_checkpoint)

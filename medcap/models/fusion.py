@@ -17,9 +17,10 @@ from torch import nn
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules import TransformerDecoder
 
-from medcap.errors import MedcapError
+from medcap.errors import ConfigError, MedcapError
 from medcap.models import checkpoints
 from medcap.models.connectors import build_connector
+from medcap.models.embeddings_only import TokenEmbeddingsOnly
 from medcap.models.lora import LORA_KEY, LoraSpec, apply_lora, enable_lora_training, load_lora_state
 from medcap.models.vision import VisionEncoder, build_vision_encoder
 
@@ -270,6 +271,11 @@ def build_medcap_model(
             if llm_lora is not None and llm_lora != saved_lora:
                 raise ValueError(f"{vision_checkpoint}: holds LoRA {saved_lora}, but {llm_lora} was asked for")
             llm_lora = saved_lora
+    if llm_lora is not None and isinstance(decoder, TokenEmbeddingsOnly):
+        raise ConfigError(
+            f"{vision_checkpoint or 'llm_lora'}: the LLM is adapted with LoRA ({llm_lora}), but only its embedding "
+            "table is loaded here and another engine (vLLM) runs the stock LLM: use engine=medcap"
+        )
     connector = connector or "cls_mlp"
     visual = build_vision_encoder(vision, vision_path, pretrained=vision_pretrained and ckpt is None)
     projector = build_connector(

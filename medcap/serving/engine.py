@@ -88,13 +88,17 @@ class Engine:
         self.retry_after_s = int(retry_after_s)
         self.metrics = metrics or Metrics()
         self.device = model.tok_embeddings.weight.device
-        self.batch = ContinuousBatch(model, tokenizer.pad_id, step)
+        self.batch = self._batch(step)
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
         self.cond = threading.Condition()
         self.seeds = random.Random(seed)
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="medcap-serve-worker", daemon=True)
+
+    def _batch(self, step: DecodeStep | None) -> ContinuousBatch | None:
+        """The rows decoded together (``VLLMEngine``: none here, vLLM holds them)."""
+        return ContinuousBatch(self.model, self.tokenizer.pad_id, step)
 
     # ------------------------------------------------------------------ web-layer side
     def start(self) -> None:
@@ -235,7 +239,8 @@ class Engine:
         if job.finished:
             return
         req = job.request
-        if tok in self.stop_tokens:
+        if tok in self.stop_tokens:  # the text held back for a stop string that never came
+            self._deliver(job, self.tokenizer.decode(job.ids) if job.ids else "")
             self._end(job, None, "stop")
             return
         job.ids.append(tok)

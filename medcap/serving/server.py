@@ -44,7 +44,8 @@ def load(cfg: DictConfig) -> Served:
         client = VLLMClient(settings.vllm_url, settings.vllm_model, timeout_s=settings.request_timeout_s)
         client.models()
     # as in evaluation: the LLM in ``dtype``, the vision side fp32 under autocast (the worker's)
-    loaded = load_for_inference(settings, ckpt)
+    # engine=vllm: of the LLM only its token embedding table; vLLM runs the rest
+    loaded = load_for_inference(settings, ckpt, embeddings_only=client is not None)
     model, tokenizer = loaded.model, loaded.tokenizer
     max_seq_len = int(model.decoder.max_seq_len)
     if client is not None:

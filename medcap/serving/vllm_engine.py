@@ -39,6 +39,10 @@ class VLLMEngine(Engine):
         self.embedding = threading.Lock()  # the vision encoder runs one request at a time
         self.dtype = model.tok_embeddings.weight.dtype
 
+    def _batch(self, step: Any) -> None:
+        """No rows here: vLLM decodes (and the LLM's layers are not loaded in this process)."""
+        return None
+
     # ------------------------------------------------------------------ worker side
     def _serve_forever(self) -> None:
         """Hand waiting requests to request threads while fewer than ``max_batch_size`` run."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+import torch
 from serving_helpers import image_question, serve_cfg
 from torchtune.data import Message
 from vllm_fakes import FakeVLLM, greedy_from_embeddings
@@ -27,10 +28,13 @@ def fake():
 
 
 @pytest.fixture(scope="module")
-def vserver(ws, fake):
+def vserver(ws, fake, ref):
     served = load(serve_cfg(ws, "engine=vllm", f"vllm_url={fake.url}", "max_batch_size=4", "log_level=error"))
     assert isinstance(served.engine, VLLMEngine)
-    fake.decode = greedy_from_embeddings(served.engine.model)
+    # the server holds only the LLM's embedding table; the stand-in decodes with the whole LLM
+    assert len(served.engine.model.decoder.layers) == 0 and served.engine.batch is None
+    assert torch.equal(served.engine.model.tok_embeddings.weight, ref.model.tok_embeddings.weight)
+    fake.decode = greedy_from_embeddings(ref.model)
     with BackgroundServer(served) as s:
         yield s
 
