@@ -219,12 +219,18 @@ class Balancer:
         self.balance[text_of(choice)] -= 1
         return choice
 
-    def distractor(self, answer: str, options: list[str]) -> str:
+    def distractor(self, answer: str, options: list[str]) -> str | None:
+        """The option whose pair with ``answer`` needs this answer most; None when every pair
+        already leans towards ``answer`` (a common class, MRI say): the question is then not
+        asked, since asking it would teach a blind answerer that the common class wins."""
+
         def need(o: str) -> int:  # how far the pair {answer, o} leans towards o
             pair = frozenset((answer, o))
             return self.answers[pair, o] - self.answers[pair, answer]
 
         best = max(need(o) for o in options)
+        if best < 0:
+            return None
         return self.rng.choice([o for o in options if need(o) == best])
 
     def order(self, answer: str, other: str) -> tuple[str, str]:
@@ -256,15 +262,16 @@ def plane_choice(first: str, second: str) -> str:
 def questions(src: Source, balancer: Balancer, exhaustive: bool = False) -> list[dict]:
     """SLAKE-style questions the image's facts support: open ones, and closed ones of SLAKE's
     two kinds, yes/no ("Is this a CT scan?", in Yes/No pairs so a constant answer scores 50%) and
-    choice ("Is this a CT scan or an MRI?", the answer is one of the two). ``exhaustive`` (the
-    training split) asks the choice question with every other option, not one."""
+    choice ("Is this a CT scan or an MRI?", the answer is one of the two; not asked when it would
+    unbalance every pair, see ``Balancer.distractor``). ``exhaustive`` asks the choice question
+    with every other option, not one."""
     qs = [
         ("What modality is used to take this image?", src.modality, "OPEN", "Modality"),
         (modality_question(src.modality), "Yes", "CLOSED", "Modality"),
     ]
     others = [m for m in MODALITY_WORDS if m != src.modality]
     qs.append((modality_question(balancer.no(others, modality_question)), "No", "CLOSED", "Modality"))
-    for other in others if exhaustive else [balancer.distractor(src.modality, others)]:
+    for other in others if exhaustive else [o for o in [balancer.distractor(src.modality, others)] if o]:
         qs.append((modality_choice(*balancer.order(src.modality, other)), src.modality, "CLOSED", "Modality"))
     if src.plane:
         plane = PLANE_NAMES[src.plane]
@@ -272,7 +279,7 @@ def questions(src: Source, balancer: Balancer, exhaustive: bool = False) -> list
         qs.append(("In which plane is this image taken?", plane, "OPEN", "Plane"))
         qs.append((plane_question(plane), "Yes", "CLOSED", "Plane"))
         qs.append((plane_question(balancer.no(others, plane_question)), "No", "CLOSED", "Plane"))
-        for other in others if exhaustive else [balancer.distractor(plane, others)]:
+        for other in others if exhaustive else [o for o in [balancer.distractor(plane, others)] if o]:
             qs.append((plane_choice(*balancer.order(plane, other)), plane, "CLOSED", "Plane"))
     if src.body_part:
         qs.append(("Which part of the body does this image show?", src.body_part, "OPEN", "Organ"))
