@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # This machine's pip.conf names local indexes that may be absent; hide only that noise.
 PIP_QUIET := 2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: demo claims smoke serve test test-quick lint install java chromium clean vllm vllm-install test-vllm
+.PHONY: demo demo-assets claims smoke serve test test-quick lint install java chromium clean vllm vllm-install test-vllm
 
 install: $(STAMP)
 
@@ -46,12 +46,18 @@ chromium:
 
 # the main job: a frozen SmolLM2-135M-Instruct learns to read a mini SLAKE of shipped medical
 # images on the CPU; data and the converted LLM are reused on later runs
-demo: install java
+demo: install java demo-assets
 	$(PY) -m medcap.demo --output_dir demo_output
+
+# set-up: real CT and MRI volumes from pinned package files on PyPI (pyradiomics 3.1.0 sdist,
+# heudiconv 1.5.1 and TotalSegmentator 2.18.0 wheels; sha256 checked), written as NIfTI under
+# demo_output/assets; downloaded once (about 46 MB), the demo itself runs offline
+demo-assets: install
+	$(PY) tools/fetch_demo_assets.py --output_dir demo_output/assets
 
 # the seed's first claim (about 17 minutes on 2 cores): medcap (LLM frozen) against the LLM adapted
 # with LoRA, both trained on the demo's image-caption pairs only; demo_output/claims/claims.{json,html}
-claims: install java
+claims: install java demo-assets
 	$(PY) -m medcap.claims --output_dir demo_output
 
 # the model `make demo` trained (its last epoch) behind an OpenAI-compatible API and a web page:

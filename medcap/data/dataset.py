@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -181,8 +182,11 @@ class ImageChatDataset(Dataset):
                 f"{chat.source}, record {chat.index}: has an image but no image_transform was given"
             )
         images = [load_image(p, record=chat.index) for p in chat.images]
+        transform = self.image_transform
+        if getattr(transform, "takes_modality", False):  # augmentation by the record's modality
+            transform = functools.partial(transform, modality=chat.metadata.get("modality"))
         with sample_rng(seed) if seed is not None else contextlib.nullcontext():
-            return torch.stack([self.image_transform(image) for image in images])
+            return torch.stack([transform(image) for image in images])
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
         """``key``: an index, or (index, epoch) as training's sampler yields."""

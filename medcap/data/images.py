@@ -120,16 +120,31 @@ def load_nifti_slice(
 ) -> Image.Image:
     """One slice of a NIfTI volume, reoriented to RAS so planes mean what they say; shown with
     superior (or anterior, for axial) at the top, resampled to square pixels by the voxel sizes."""
-    import nibabel as nib
-
     where = _where(path, record)
     if plane not in PLANES:
         raise ImageLoadError(f"{where}: plane={plane!r}; expected one of {PLANES}")
+    data, zooms = load_canonical_volume(path, where)
+    return volume_slice(data, zooms, plane, index, volume, where)
+
+
+def load_canonical_volume(path: Path, where: str | None = None) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A NIfTI volume's voxels reoriented to RAS, and its voxel sizes."""
+    import nibabel as nib
+
     try:
         img = nib.as_closest_canonical(nib.load(str(path)))
-        data = np.asanyarray(img.dataobj)
+        return np.asanyarray(img.dataobj), tuple(float(z) for z in img.header.get_zooms())
     except Exception as e:
-        raise ImageLoadError(f"{where}: cannot read NIfTI volume ({type(e).__name__}: {e})") from e
+        raise ImageLoadError(f"{where or path}: cannot read NIfTI volume ({type(e).__name__}: {e})") from e
+
+
+def volume_slice(
+    data: np.ndarray, zooms: tuple[float, ...], plane: str, index: int | None = None, volume: int = 0,
+    where: str = "volume",
+) -> Image.Image:
+    """One slice of a RAS volume (see ``load_nifti_slice``)."""
+    if plane not in PLANES:
+        raise ImageLoadError(f"{where}: plane={plane!r}; expected one of {PLANES}")
     if data.ndim == 4:
         if not 0 <= volume < data.shape[3]:
             raise ImageLoadError(f"{where}: volume {volume} requested but the file has {data.shape[3]}")
@@ -145,7 +160,7 @@ def load_nifti_slice(
         slab = np.take(data, index, axis=axis).astype(np.float32)
         out = Image.fromarray(np.ascontiguousarray(np.rot90(to_uint8(slab))), "L")
         # square pixels: a 0.5 x 0.5 x 5 mm series is not squashed tenfold in its coronal slices
-        across, down = (float(z) for i, z in enumerate(img.header.get_zooms()[:3]) if i != axis)
+        across, down = (float(z) for i, z in enumerate(zooms[:3]) if i != axis)
     except Exception as e:  # voxel types or headers nibabel reads but cannot turn into a slice
         raise ImageLoadError(f"{where}: cannot read NIfTI slice ({type(e).__name__}: {e})") from e
     if min(across, down) > 0 and not np.isclose(across, down, rtol=0.01):

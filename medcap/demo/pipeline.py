@@ -2,7 +2,7 @@
 images on a CPU, end to end, with nothing downloaded, and show the result.
 
 Every step is the command a user runs on real data, printed before it runs: build the mini SLAKE
-(reused), convert it with the SLAKE converters, convert the LLM (reused), evaluate the untrained
+(reused; from the scan volumes ``make demo-assets`` fetched into OUTPUT_DIR/assets), convert it with the SLAKE converters, convert the LLM (reused), evaluate the untrained
 model (a random vision encoder), train a small ViT + connector with the LLM frozen, evaluate
 again, write ``report.html``, ``summary.png`` and ``summary.json``.
 
@@ -13,6 +13,7 @@ again, write ``report.html``, ``summary.png`` and ``summary.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -49,6 +50,10 @@ class DemoPaths:
     @property
     def data(self) -> Path:  # the converters' ShareGPT files
         return self.root / "data"
+
+    @property
+    def assets(self) -> Path:  # the scan volumes `make demo-assets` fetched (tools/fetch_demo_assets.py)
+        return self.root / "assets"
 
     @property
     def llm(self) -> Path:
@@ -99,12 +104,21 @@ def model_overrides(paths: DemoPaths) -> dict[str, Any]:
 
 def prepare(paths: DemoPaths, timings: dict[str, float]) -> None:
     """The data and the LLM: built once, reused on later runs."""
-    if (paths.slake / "demo_counts.json").is_file():
+    from medcap.demo.assets import check_assets
+    from medcap.demo.slake import DATASET_VERSION
+
+    counts = paths.slake / "demo_counts.json"
+    version = json.loads(counts.read_text()).get("version") if counts.is_file() else None
+    if version == DATASET_VERSION:
         print(f"{paths.slake}: mini SLAKE already built (reused)")
     else:
+        check_assets(paths.assets)  # fetched at set-up (`make demo-assets`); the run itself is offline
+        if paths.slake.exists():
+            print(f"{paths.slake}: built by an older version ({version}): rebuilt")
+            shutil.rmtree(paths.slake)
         timings["build_dataset"] = run_command(
-            tool("build_demo_dataset.py", "--output_dir", str(paths.slake)),
-            "build the mini SLAKE from medical images shipped in Python packages",
+            tool("build_demo_dataset.py", "--output_dir", str(paths.slake), "--assets_dir", str(paths.assets)),
+            "build the mini SLAKE from medical images shipped in Python packages and the fetched volumes",
         )
     # converted on every run (seconds): the files follow the converters' current options
     timings["convert_dataset"] = run_command(

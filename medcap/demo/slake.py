@@ -2,23 +2,35 @@
 SLAKE's own on-disk format so the demo runs the real-data path (converters, ``test_slake=True``).
 
 Sources (all offline): pydicom's test files and the ``pydicom-data`` package (CT, MR, CR, US, NM
-studies), nibabel's EPI brain volume and nilearn's MNI152 T1 template (sliced in three planes).
-Only pixels and the Modality / BodyPartExamined tags are read; nothing else from a DICOM file is
-written anywhere. Every image belongs to a source group (a file or a volume) and a group never
-spans two splits, so test images never share a source with training images.
+studies; the plane of CT and MR slices from their orientation), nibabel's EPI brain volumes and
+nilearn's MNI152 T1 template, and the volumes ``tools/fetch_demo_assets.py`` fetched at set-up
+(chest CT, brain MRI, a head CT template: medcap/demo/assets.py), each sliced in three planes
+over the middle of its anatomy. Only pixels, the geometry and the Modality / BodyPartExamined
+tags are read; nothing else from a DICOM file is written anywhere. Every image belongs to a
+source group (a DICOM study, or the volumes of one patient) and a group never spans two splits,
+so held-out images never share a source with training images.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from medcap.data.images import ImageLoadError, load_image
+from medcap.data.images import (
+    NIFTI_SUFFIXES,
+    ImageLoadError,
+    load_canonical_volume,
+    load_image,
+    split_selector,
+    volume_slice,
+)
 from medcap.io import atomic_write_json
 
 MODALITY = {
@@ -46,12 +58,32 @@ class Source:
     plane: str | None = None  # axial / coronal / sagittal, for volume slices
 
 
+def dicom_plane(ds) -> str | None:
+    """axial / coronal / sagittal from a CT or MR slice's ImageOrientationPatient, when the slice
+    is within about 25 degrees of one plane (an oblique slice gets none)."""
+    orientation = getattr(ds, "ImageOrientationPatient", None)
+    if orientation is None or len(orientation) != 6:
+        return None
+    normal = np.cross(np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:], dtype=float))
+    if not np.isfinite(normal).all() or np.linalg.norm(normal) < 0.5:
+        return None
+    normal = np.abs(normal) / np.linalg.norm(normal)
+    axis = int(np.argmax(normal))  # patient axes x (left-right), y (front-back), z (feet-head)
+    return ("sagittal", "coronal", "axial")[axis] if normal[axis] > 0.9 else None
+
+
+def _thumbnail(img) -> np.ndarray:
+    return np.asarray(img.convert("L").resize((32, 32)), dtype=np.float32)
+
+
 def dicom_sources() -> list[Source]:
-    """2-D images from pydicom's test files and pydicom-data, by their Modality tag."""
+    """2-D images from pydicom's test files and pydicom-data, by their Modality tag; the plane of
+    CT and MR slices from their orientation. One image stored in several transfer syntaxes (or
+    lossy and lossless) counts once: the same SOPInstanceUID, or the same pixels within a study."""
     import pydicom
     from pydicom.data import get_testdata_files
 
-    out, seen = [], set()
+    out, seen, kept = [], set(), {}
     for path in tqdm(sorted(set(get_testdata_files("*.dcm"))), desc="shipped DICOM files", unit="file", dynamic_ncols=True):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -59,46 +91,106 @@ def dicom_sources() -> list[Source]:
             continue
         modality = MODALITY.get(str(getattr(ds, "Modality", "")))
         rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-        # the same image stored in several transfer syntaxes is one image; a study is one group
-        # (UIDs are used for grouping only, never written)
+        # UIDs are used for grouping and deduplication only, never written
         instance = str(getattr(ds, "SOPInstanceUID", path))
         if modality is None or min(rows, cols) < 64 or instance in seen:
             continue
         body = BODY_PART.get(str(getattr(ds, "BodyPartExamined", "")).upper())
         try:
-            load_image(path)  # decodable here (some need codecs we lack)
+            image = load_image(path)  # decodable here (some need codecs we lack)
         except ImageLoadError:
             continue
         seen.add(instance)
-        out.append(Source(str(getattr(ds, "StudyInstanceUID", path)), path, modality, body))
+        group = str(getattr(ds, "StudyInstanceUID", path))
+        thumb = _thumbnail(image)
+        same = kept.setdefault((group, rows, cols), [])
+        if any(float(np.abs(thumb - other).mean()) < 4.0 for other in same):
+            continue  # the same picture in another encoding
+        same.append(thumb)
+        plane = dicom_plane(ds) if modality in ("CT", "MRI") else None
+        out.append(Source(group, path, modality, body, plane))
     return out
 
 
-def volume_sources(per_plane: int = 3) -> list[Source]:
-    """Brain MRI volumes shipped with nibabel and nilearn, sliced in each plane around the middle."""
+@dataclass
+class Volume:
+    group: str  # volumes of one patient or study share a group
+    path: Path
+    modality: str
+    body_part: str
+    name: str
+
+
+def volumes(assets_dir: str | Path | None = None) -> list[Volume]:
+    """The scan volumes: nilearn's MNI152 template and nibabel's two example brains (installed
+    packages), and with ``assets_dir`` the volumes tools/fetch_demo_assets.py wrote there (chest
+    CT, brain MRI, a head CT template; see medcap/demo/assets.py)."""
     import nibabel as nib
 
-    volumes = []
+    paths = []
     try:
         from nilearn import datasets
 
-        volumes.append(
-            Path(datasets.__file__).parent / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-        )
+        paths.append(Path(datasets.__file__).parent / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     except ImportError:
         pass
     nib_data = Path(nib.__file__).parent / "tests" / "data"
-    volumes += [nib_data / "example4d.nii.gz", nib_data / "anatomical.nii"]
+    paths += [nib_data / "example4d.nii.gz", nib_data / "anatomical.nii"]
+    out = [Volume(p.name, p, "MRI", "Head", p.name.split(".")[0]) for p in paths if p.is_file()]
+    if assets_dir is not None:
+        from medcap.demo.assets import check_assets
+
+        for v in check_assets(assets_dir):
+            out.append(Volume(v["group"], Path(assets_dir) / v["file"], v["modality"], v["body_part"], v["name"]))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _volume(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A volume in RAS, read once for all its slices (slices of one volume come together)."""
+    return load_canonical_volume(Path(path))
+
+
+def source_image(src: Source):
+    """The image of a source: a DICOM file, or a volume's slice (from the cached volume)."""
+    path, select = split_selector(src.path)
+    if "plane" in select and path.name.lower().endswith(NIFTI_SUFFIXES):
+        data, zooms = _volume(str(path))
+        return volume_slice(data, zooms, select["plane"], int(select["index"]), where=str(path))
+    return load_image(src.path)
+
+
+def slice_indices(path: str | Path, per_plane: int, margin: float = 0.1, min_fill: float = 0.5) -> dict[str, list[int]]:
+    """``per_plane`` slice indices in each plane (RAS axes), spread evenly over the middle of the
+    anatomy: the slices whose share of foreground voxels is at least ``min_fill`` of the
+    fullest slice's, less ``margin`` of that range at each end (near-empty slices never)."""
+    from medcap.data.images import PLANES, to_uint8
+
+    data, _ = _volume(str(path))
+    if data.ndim == 4:
+        data = data[..., 0]
+    foreground = to_uint8(data) > 25  # above a tenth of the 0.5-99.5 percentile range
+    out = {}
+    for axis, plane in enumerate(PLANES):
+        fill = foreground.mean(axis=tuple(a for a in range(3) if a != axis))
+        full = np.flatnonzero(fill >= min_fill * fill.max())
+        low, high = int(full.min()), int(full.max())
+        cut = int(round((high - low) * margin))
+        low, high = low + cut, high - cut
+        picks = np.linspace(low, high, num=per_plane + 2)[1:-1] if per_plane < high - low + 1 else np.arange(low, high + 1)
+        out[plane] = sorted({int(round(i)) for i in picks})
+    return out
+
+
+def volume_sources(vols: list[Volume], per_plane: int | dict[str, int] = 3, split: dict[str, str] | None = None) -> list[Source]:
+    """Slices of each volume in the three planes; ``per_plane`` may depend on the split of the
+    volume's group (a dict: split -> count, with ``split``: group -> split)."""
     out = []
-    for vol in volumes:
-        if not vol.is_file():
-            continue
-        shape = nib.as_closest_canonical(nib.load(str(vol))).shape
-        for axis, plane in enumerate(("sagittal", "coronal", "axial")):
-            size = shape[axis]
-            for k in range(per_plane):
-                index = int(size * (0.35 + 0.3 * k / max(per_plane - 1, 1)))
-                out.append(Source(vol.name, f"{vol}#plane={plane}&index={index}", "MRI", "Head", plane))
+    for vol in vols:
+        count = per_plane if isinstance(per_plane, int) else per_plane[(split or {})[vol.group]]
+        for plane, indices in slice_indices(vol.path, count).items():
+            for index in indices:
+                out.append(Source(vol.group, f"{vol.path}#plane={plane}&index={index}", vol.modality, vol.body_part, plane))
     return out
 
 
@@ -127,12 +219,18 @@ class Balancer:
         self.balance[text_of(choice)] -= 1
         return choice
 
-    def distractor(self, answer: str, options: list[str]) -> str:
+    def distractor(self, answer: str, options: list[str]) -> str | None:
+        """The option whose pair with ``answer`` needs this answer most; None when every pair
+        already leans towards ``answer`` (a common class, MRI say): the question is then not
+        asked, since asking it would teach a blind answerer that the common class wins."""
+
         def need(o: str) -> int:  # how far the pair {answer, o} leans towards o
             pair = frozenset((answer, o))
             return self.answers[pair, o] - self.answers[pair, answer]
 
         best = max(need(o) for o in options)
+        if best < 0:
+            return None
         return self.rng.choice([o for o in options if need(o) == best])
 
     def order(self, answer: str, other: str) -> tuple[str, str]:
@@ -164,15 +262,16 @@ def plane_choice(first: str, second: str) -> str:
 def questions(src: Source, balancer: Balancer, exhaustive: bool = False) -> list[dict]:
     """SLAKE-style questions the image's facts support: open ones, and closed ones of SLAKE's
     two kinds, yes/no ("Is this a CT scan?", in Yes/No pairs so a constant answer scores 50%) and
-    choice ("Is this a CT scan or an MRI?", the answer is one of the two). ``exhaustive`` (the
-    training split) asks the choice question with every other option, not one."""
+    choice ("Is this a CT scan or an MRI?", the answer is one of the two; not asked when it would
+    unbalance every pair, see ``Balancer.distractor``). ``exhaustive`` asks the choice question
+    with every other option, not one."""
     qs = [
         ("What modality is used to take this image?", src.modality, "OPEN", "Modality"),
         (modality_question(src.modality), "Yes", "CLOSED", "Modality"),
     ]
     others = [m for m in MODALITY_WORDS if m != src.modality]
     qs.append((modality_question(balancer.no(others, modality_question)), "No", "CLOSED", "Modality"))
-    for other in others if exhaustive else [balancer.distractor(src.modality, others)]:
+    for other in others if exhaustive else [o for o in [balancer.distractor(src.modality, others)] if o]:
         qs.append((modality_choice(*balancer.order(src.modality, other)), src.modality, "CLOSED", "Modality"))
     if src.plane:
         plane = PLANE_NAMES[src.plane]
@@ -180,7 +279,7 @@ def questions(src: Source, balancer: Balancer, exhaustive: bool = False) -> list
         qs.append(("In which plane is this image taken?", plane, "OPEN", "Plane"))
         qs.append((plane_question(plane), "Yes", "CLOSED", "Plane"))
         qs.append((plane_question(balancer.no(others, plane_question)), "No", "CLOSED", "Plane"))
-        for other in others if exhaustive else [balancer.distractor(plane, others)]:
+        for other in others if exhaustive else [o for o in [balancer.distractor(plane, others)] if o]:
             qs.append((plane_choice(*balancer.order(plane, other)), plane, "CLOSED", "Plane"))
     if src.body_part:
         qs.append(("Which part of the body does this image show?", src.body_part, "OPEN", "Organ"))
@@ -197,33 +296,52 @@ def caption(src: Source) -> str:
     return text + "."
 
 
-def split_groups(sources: list[Source], seed: int, fractions=(0.6, 0.15)) -> dict[str, str]:
-    """group -> train / validate / test, balanced per modality, never splitting a group."""
-    by_modality: dict[str, list[str]] = {}
-    for s in sources:
-        groups = by_modality.setdefault(s.modality, [])
-        if s.group not in groups:
-            groups.append(s.group)
+def split_groups(strata: dict[str, str], seed: int, fractions=(0.6, 0.15)) -> dict[str, str]:
+    """group -> train / validate / test, never splitting a group. ``strata``: group -> stratum
+    (a modality, and for volumes "<modality> volume"): each stratum of two groups or more gives
+    the test split at least one, of three or more the validation split too, so the held-out
+    splits have CT and MRI volumes (and so plane questions) whenever there are three of each."""
+    by_stratum: dict[str, list[str]] = {}
+    for group, stratum in strata.items():
+        by_stratum.setdefault(stratum, []).append(group)
     rng = random.Random(seed)
     out = {}
-    for groups in by_modality.values():
+    for stratum in sorted(by_stratum):
+        groups = sorted(by_stratum[stratum])
         rng.shuffle(groups)
         n = len(groups)
         n_test = max(1, round(n * (1 - sum(fractions)))) if n >= 2 else 0
-        n_val = max(1, round(n * fractions[1])) if n >= 4 else 0
+        n_val = max(1, round(n * fractions[1])) if n >= 3 else 0
         for i, g in enumerate(groups):
             out[g] = "test" if i < n_test else "validate" if i < n_test + n_val else "train"
     return out
 
 
-def build(output_dir: str | Path, seed: int = 0) -> dict[str, int]:
+SLICES_PER_PLANE = {"train": 8, "validate": 3, "test": 3}
+DATASET_VERSION = 2  # demo_counts.json's "version": the demo rebuilds a mini SLAKE of another version
+
+
+def sources_and_split(seed: int, assets_dir: str | Path | None = None,
+                      slices: dict[str, int] | None = None) -> tuple[list[Source], dict[str, str]]:
+    """Every image (DICOM files, volume slices) and the split of its group."""
+    dicoms = dicom_sources()
+    vols = volumes(assets_dir)
+    strata = {s.group: s.modality for s in dicoms}
+    strata.update({v.group: f"{v.modality} volume" for v in vols})
+    split = split_groups(strata, seed)
+    return dicoms + volume_sources(vols, slices or SLICES_PER_PLANE, split), split
+
+
+def build(output_dir: str | Path, seed: int = 0, assets_dir: str | Path | None = None,
+          slices: dict[str, int] | None = None) -> dict[str, int]:
     """Write imgs/xmlab<N>/source.jpg, train.json, validate.json, test.json (every SLAKE field)
-    and SLAKE-text's {train,validation,test}_text.json; return counts."""
+    and SLAKE-text's {train,validation,test}_text.json; return counts. ``assets_dir``: the
+    fetched volumes (tools/fetch_demo_assets.py); without it, installed packages' images only.
+    ``slices``: slices per plane of each volume, by split."""
     output_dir = Path(output_dir)
-    sources = dicom_sources() + volume_sources()
+    sources, split = sources_and_split(seed, assets_dir, slices)
     if not sources:
         raise RuntimeError("no shipped medical image found: install pydicom-data and nilearn")
-    split = split_groups(sources, seed)
     rows: dict[str, list[dict]] = {"train": [], "validate": [], "test": []}
     texts: dict[str, list[dict]] = {"train": [], "validate": [], "test": []}
     balancers = {
@@ -236,14 +354,16 @@ def build(output_dir: str | Path, seed: int = 0) -> dict[str, int]:
     order = sorted(range(len(sources)), key=lambda n: (frequency[sources[n].modality], n))
     for n in tqdm(order, desc="mini SLAKE images", unit="image", dynamic_ncols=True):
         src = sources[n]
-        img = load_image(src.path)
+        img = source_image(src)
         img.thumbnail((MAX_SIDE, MAX_SIDE))
         name = f"xmlab{n}/source.jpg"
         (output_dir / "imgs" / f"xmlab{n}").mkdir(parents=True, exist_ok=True)
         img.save(output_dir / "imgs" / name, quality=92)
         part = split[src.group]
         texts[part].append({"img_name": name, "text": caption(src)})
-        for q in questions(src, balancers[part], exhaustive=part == "train"):
+        # one choice question per content type in every split: with many slices per volume, the
+        # training split's every-option variants were redundant steps (``exhaustive`` keeps them)
+        for q in questions(src, balancers[part]):
             qid += 1
             rows[part].append({
                 "img_id": n, "img_name": name, "question": q["question"], "answer": q["answer"], "q_lang": "en",
@@ -260,10 +380,17 @@ def build(output_dir: str | Path, seed: int = 0) -> dict[str, int]:
     counts.update({f"{p}_images": len(t) for p, t in texts.items()})
     counts["groups"] = len(set(s.group for s in sources))
     counts["modalities"] = dict(Counter(s.modality for s in sources))
+    counts["version"] = DATASET_VERSION
+    for part in rows:
+        mine = [s for s in sources if split[s.group] == part]
+        counts[f"{part}_groups"] = len({s.group for s in mine})
+        counts[f"{part}_modalities"] = dict(sorted(Counter(s.modality for s in mine).items()))
+        counts[f"{part}_planes"] = dict(sorted(Counter(f"{s.modality} {s.plane}" for s in mine if s.plane).items()))
     atomic_write_json(output_dir / "demo_counts.json", counts, indent=2)
     (output_dir / "README.txt").write_text(
         "Mini SLAKE built by medcap from images shipped in Python packages (pydicom, pydicom-data,\n"
-        "nibabel, nilearn). Not a clinical dataset; test images never share a source file or volume\n"
-        "with training images.\n" + json.dumps(counts, indent=1) + "\n"
+        "nibabel, nilearn; with the fetched assets also pyradiomics, heudiconv, TotalSegmentator).\n"
+        "Not a clinical dataset; test images never share a source file, study or volume with\n"
+        "training images.\n" + json.dumps(counts, indent=1) + "\n"
     )
     return counts

@@ -61,14 +61,20 @@ class Preprocess(PreprocessCfg):
 
     def transform(self, augment: dict[str, Any] | None = None) -> Callable:
         """PIL image -> normalised [3, size, size] tensor (resize shortest side, centre crop).
-        ``augment``: open_clip's training augmentation (``AugmentationCfg`` fields: ``scale`` of
-        the random resized crop, ``color_jitter`` + ``color_jitter_prob``, ...); no flips, since
-        left and right mean something in a radiograph."""
+        ``augment``: training augmentation, open_clip's (``AugmentationCfg`` fields: ``scale`` of
+        the random resized crop, ``color_jitter`` + ``color_jitter_prob``, ...) and the scan
+        settings of ``medcap.data.augment`` (left-right flips, off unless asked for, window and
+        gamma jitter, settings by modality)."""
         if augment:
-            with warnings.catch_warnings():  # open_clip warns about the colour items it does use
-                warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
-                return image_transform_v2(self, is_train=True, aug_cfg=AugmentationCfg(**dict(augment)))
+            from medcap.data.augment import ModalityAugment
+
+            return ModalityAugment(augment, self._train_transform)
         return image_transform_v2(self, is_train=False)
+
+    def _train_transform(self, augment: dict[str, Any]) -> Callable:
+        with warnings.catch_warnings():  # open_clip warns about the colour items it does use
+            warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+            return image_transform_v2(self, is_train=True, aug_cfg=AugmentationCfg(**dict(augment)))
 
     def to_open_clip(self) -> dict[str, Any]:
         """The ``preprocess_cfg`` entry of an open_clip config."""
