@@ -88,6 +88,15 @@ def test_text_checks_accept_the_right_reply_and_refuse_a_wrong_one():
     assert {p.kind for p in TEXT_PROMPTS} == {"counting", "yes/no fact", "format"}
 
 
+def test_quick_mode_asks_every_kind_of_text_prompt_and_the_full_run_all_of_them():
+    from medcap.claims.pipeline import Plan
+
+    quick = Plan.quick().text_prompts()
+    assert len(quick) == 12 and all(p in TEXT_PROMPTS for p in quick)
+    assert {p.kind for p in quick} == {p.kind for p in TEXT_PROMPTS}
+    assert Plan.full().text_prompts() == TEXT_PROMPTS
+
+
 @pytest.mark.slow
 def test_quick_mode_end_to_end(tmp_path, smollm2, demo_slake):
     from medcap.claims.pipeline import main
@@ -107,6 +116,7 @@ def test_quick_mode_end_to_end(tmp_path, smollm2, demo_slake):
     assert page.count("<tr") > 10 and 'href="../report.html"' in page
     # (a)'s LLM is the untouched one: its plain-text replies are the untouched LLM's
     assert all(p["frozen"] == p["untouched"] for p in saved["text_prompts"])
+    assert len(saved["text_prompts"]) == 12 and saved["plan"]["batch_size"] == 2  # quick: 4 prompts of each kind
     assert saved["measures"]["vqa_all"]["n"] == 4 and saved["measures"]["caption_rouge_l"]["n"] == 4
     # the LoRA run saved adapters beside the vision weights; the frozen one did not
     import torch

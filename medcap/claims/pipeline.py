@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medcap.claims.probes import TEXT_PROMPTS, reword
+from medcap.claims.probes import TEXT_PROMPTS, TextPrompt, reword
 from medcap.claims.variants import LORA_ALPHA, LORA_RANK, VARIANTS
 from medcap.demo.pipeline import (
     EVAL_CONFIG,
@@ -55,6 +55,20 @@ class Plan:
     warmup_steps: int
     lr_grid: tuple[float, ...]
     limit: int | None  # test items per evaluation (None: all)
+    batch_size: int | None = None  # training rows per step (None: the config's)
+    text_per_kind: int | None = None  # plain-text prompts asked per kind (None: all of them)
+
+    def text_prompts(self) -> list[TextPrompt]:
+        """``TEXT_PROMPTS``, or its first ``text_per_kind`` of each kind (every kind kept)."""
+        if self.text_per_kind is None:
+            return list(TEXT_PROMPTS)
+        seen: dict[str, int] = {}
+        out = []
+        for p in TEXT_PROMPTS:
+            seen[p.kind] = seen.get(p.kind, 0) + 1
+            if seen[p.kind] <= self.text_per_kind:
+                out.append(p)
+        return out
 
     @classmethod
     def full(cls) -> Plan:
@@ -62,7 +76,9 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(epochs=1, max_steps_per_epoch=2, warmup_steps=1, lr_grid=LR_GRID[-1:], limit=4)
+        # two steps of two rows (the second, after warmup, changes the weights); 4 text prompts of each kind
+        return cls(epochs=1, max_steps_per_epoch=2, warmup_steps=1, lr_grid=LR_GRID[-1:], limit=4, batch_size=2,
+                   text_per_kind=4)  # fmt: skip
 
 
 def lr_tag(lr: float) -> str:
@@ -84,6 +100,8 @@ def train_variant(paths: DemoPaths, out: Path, variant: str, lr: float, plan: Pl
     }
     if plan.max_steps_per_epoch:
         overrides["max_steps_per_epoch"] = plan.max_steps_per_epoch
+    if plan.batch_size:
+        overrides["batch_size"] = plan.batch_size
     if variant == "lora":
         overrides |= {"llm_lora_rank": LORA_RANK, "llm_lora_alpha": LORA_ALPHA}
     run_command(medcap_run("full_finetune_single_device", TRAIN_CONFIG, overrides),
@@ -119,8 +137,8 @@ def reworded_slake(paths: DemoPaths, root: Path) -> Path:
     return root
 
 
-def text_answers(paths: DemoPaths, checkpoint: Path | None) -> list[str]:
-    """Greedy replies to ``TEXT_PROMPTS`` with no image: the LLM (adapted or not) on its own.
+def text_answers(paths: DemoPaths, checkpoint: Path | None, prompts: list[TextPrompt]) -> list[str]:
+    """Greedy replies to ``prompts`` with no image: the LLM (adapted or not) on its own.
     In process: ``medcap run generate`` answers images; these prompts have none."""
     from omegaconf import OmegaConf
 
@@ -136,13 +154,13 @@ def text_answers(paths: DemoPaths, checkpoint: Path | None) -> list[str]:
     loaded = load_for_inference(settings, checkpoint)
     answerer = Answerer(loaded.model, loaded.tokenizer, Decoding(max_new_tokens=settings.max_new_tokens),
                         batch_size=settings.batch_size, dtype=loaded.dtype, step=loaded.step)  # fmt: skip
-    items = [EvalItem(i, None, [user_message(None, p.prompt)], p.expected) for i, p in enumerate(TEXT_PROMPTS)]
+    items = [EvalItem(i, None, [user_message(None, p.prompt)], p.expected) for i, p in enumerate(prompts)]
     replies = {item.index: reply for item, _, reply in answerer.answer(items, two_turn=False)}
     return [replies[i] for i in range(len(items))]
 
 
-def text_scores(replies: list[str]) -> list[float]:
-    return [float(p.check(r)) for p, r in zip(TEXT_PROMPTS, replies)]
+def text_scores(replies: list[str], prompts: list[TextPrompt] = TEXT_PROMPTS) -> list[float]:
+    return [float(p.check(r)) for p, r in zip(prompts, replies)]
 
 
 def select_lr(paths: DemoPaths, work: Path, variant: str, plan: Plan) -> dict[str, Any]:
@@ -169,7 +187,7 @@ def evaluate_variant(paths: DemoPaths, work: Path, variant: str, checkpoint: Pat
     cap = generate(paths, out / "captions", checkpoint, f"{variant}: caption the test images", plan.limit,
                    test_metrics=True, dataset_source=paths.data / "slake_test.json")  # fmt: skip
     print(f"\n== {variant}: plain-text prompts, no image (in process)", flush=True)
-    replies = text_answers(paths, checkpoint)
+    replies = text_answers(paths, checkpoint, plan.text_prompts())
     return {"vqa": vqa.rows("slake"), "reworded": rew.rows("slake"), "captions": cap.rows("captions"),
             "caption_metrics": cap.read_metrics().get("captions", {}), "text": replies}  # fmt: skip
 
@@ -178,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("demo_output"),
                         help="the demo's folder (its mini SLAKE and converted LLM are reused); results go to claims/")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="a few steps, one learning rate, a few items")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few small steps, one learning rate, a few items")  # fmt: skip
     args = parser.parse_args(argv)
     from medcap.claims.report import compare, write_claims
 
@@ -189,11 +208,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prepare(paths, {})
     reworded = reworded_slake(paths, work / "SLAKE_reworded")
     print("\n== the untouched LLM on the plain-text prompts (which of them it gets right)", flush=True)
-    untouched = text_answers(paths, None)
+    prompts = plan.text_prompts()
+    untouched = text_answers(paths, None, prompts)
     chosen, results = {}, {}
     for variant in VARIANTS:
         chosen[variant] = select_lr(paths, work, variant, plan)
     for variant in VARIANTS:
         results[variant] = evaluate_variant(paths, work, variant, chosen[variant]["checkpoint"], reworded, plan)
-    table = compare(results, untouched)
-    return write_claims(work, plan, chosen, results, untouched, table, time.perf_counter() - start)
+    table = compare(results, untouched, prompts)
+    return write_claims(work, plan, chosen, results, untouched, table, time.perf_counter() - start, prompts)

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from medcap.claims.probes import TEXT_PROMPTS
+from medcap.claims.probes import TEXT_PROMPTS, TextPrompt
 from medcap.claims.stats import MIN_ITEMS, paired_interval, verdict
 from medcap.claims.variants import LORA_ALPHA, LORA_MODULES, LORA_RANK, VARIANTS
 from medcap.io import atomic_write, atomic_write_json
@@ -71,7 +71,8 @@ def caption_scores(rows: dict[int, dict[str, str]]) -> dict[str, dict[int, float
     return {"caption_rouge_l": dict(zip(keys, map(float, rouge))), "caption_cider": dict(zip(keys, map(float, cider)))}
 
 
-def per_item(result: dict[str, Any], kept_text: list[int]) -> dict[str, dict[int, float]]:
+def per_item(result: dict[str, Any], kept_text: list[int],
+             prompts: list[TextPrompt] = TEXT_PROMPTS) -> dict[str, dict[int, float]]:  # fmt: skip
     """Every measure's per-item scores for one model."""
     vqa, rew = result["vqa"], result["reworded"]
     original = question_scores(vqa)
@@ -84,15 +85,17 @@ def per_item(result: dict[str, Any], kept_text: list[int]) -> dict[str, dict[int
         "reworded_closed": question_scores(rew, "CLOSED"),
         "reworded_open": question_scores(rew, "OPEN"),
         "rewording_change": {k: reworded[k] - original[k] for k in original if k in reworded},
-        "text": {i: float(TEXT_PROMPTS[i].check(result["text"][i])) for i in kept_text},
+        "text": {i: float(prompts[i].check(result["text"][i])) for i in kept_text},
     }
     return scores | caption_scores(result["captions"])
 
 
-def compare(results: dict[str, dict[str, Any]], untouched: list[str]) -> dict[str, Any]:
-    """(a) frozen - (b) LoRA per measure, on the items both answered, and a verdict per claim."""
-    kept = [i for i, p in enumerate(TEXT_PROMPTS) if p.check(untouched[i])]
-    frozen, adapted = per_item(results["frozen"], kept), per_item(results["lora"], kept)
+def compare(results: dict[str, dict[str, Any]], untouched: list[str],
+            prompts: list[TextPrompt] = TEXT_PROMPTS) -> dict[str, Any]:  # fmt: skip
+    """(a) frozen - (b) LoRA per measure, on the items both answered, and a verdict per claim;
+    ``untouched`` and each result's ``text`` are the replies to ``prompts``, in order."""
+    kept = [i for i, p in enumerate(prompts) if p.check(untouched[i])]
+    frozen, adapted = per_item(results["frozen"], kept, prompts), per_item(results["lora"], kept, prompts)
     measures: dict[str, Any] = {}
     for name, description in MEASURES.items():
         items = sorted(set(frozen[name]) & set(adapted[name]))
@@ -110,7 +113,7 @@ def compare(results: dict[str, dict[str, Any]], untouched: list[str]) -> dict[st
 
 
 def write_claims(work: Path, plan: Any, chosen: dict, results: dict, untouched: list[str], table: dict,
-                 seconds: float) -> dict[str, Any]:  # fmt: skip
+                 seconds: float, prompts: list[TextPrompt] = TEXT_PROMPTS) -> dict[str, Any]:  # fmt: skip
     """``claims.json`` (every figure) and ``claims.html`` (the table, the prompts, the replies)."""
     summary = {
         "what": "medcap (LLM frozen) vs the LLM adapted with LoRA, both trained on image-caption pairs only",
@@ -125,7 +128,7 @@ def write_claims(work: Path, plan: Any, chosen: dict, results: dict, untouched: 
             {"kind": p.kind, "prompt": p.prompt, "expected": p.expected, "untouched": untouched[i],
              "frozen": results["frozen"]["text"][i], "lora": results["lora"]["text"][i],
              "kept": i in table["text_prompts_kept"]}
-            for i, p in enumerate(TEXT_PROMPTS)
+            for i, p in enumerate(prompts)
         ],  # fmt: skip
         "machine": f"{platform.machine()}, {_cpu_name()}, {_cores()} cores",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
