@@ -78,8 +78,8 @@ smoke: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install java chromium lint
-	$(PY) -m pytest
+test: install java chromium lint demo-assets
+	MEDCAP_REQUIRE_DEMO_ASSETS=1 $(PY) -m pytest
 
 # the inner loop: everything but the end-to-end tests marked slow
 test-quick: install
