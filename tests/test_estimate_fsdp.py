@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from test_estimate import ANSWER, IMAGE_TOKENS, SEQ, SPEC, device, options, train_cfg
 
+from medcap.errors import ConfigError
 from medcap.estimate import estimate, settings_for
 from medcap.estimate.fsdp import FSDPStepTracker, as_step_kinds, fsdp_wrap
 from medcap.estimate.model import model_on_meta
@@ -120,6 +121,17 @@ def test_sharding_saves_memory_and_the_breakdown_sums_to_the_total(per_rank):
         single.breakdown["optimizer state"] / 2, rel=0.05
     )
     assert per_rank.breakdown["all-gathered weights"] > 0
+
+
+def test_what_the_distributed_recipe_refuses_is_refused():
+    with pytest.raises(ConfigError, match="optimizer_in_bwd=True runs in one process"):
+        estimate(train_cfg("optimizer_in_bwd=True"), options(nproc=2), device(2**34))
+    with pytest.raises(ConfigError, match="bitsandbytes optimizers cannot run under FSDP2"):
+        estimate(
+            train_cfg("optimizer._component_=bitsandbytes.optim.AdamW8bit"), options(nproc=2), device(2**34)
+        )
+    with pytest.raises(ConfigError, match="nproc=0"):
+        estimate(train_cfg(), options(nproc=0), device(2**34))
 
 
 if __name__ == "__main__":
