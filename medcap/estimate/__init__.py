@@ -5,6 +5,7 @@ preflight the recipes run on CUDA (``preflight``); the judge's arithmetic (``jud
 
     medcap estimate --config llama3/8B_full_single_device gpu=a100-40 dataset_size=9835
     medcap estimate --config custom_generation_config gpu=4090 batch_size=16
+    medcap estimate --config llama3/8B_full nproc=8 gpu=h100      (one rank of 8 under FSDP2)
 """
 
 from __future__ import annotations
@@ -79,11 +80,13 @@ def report(est: Estimate) -> str:
     d = est.device
     what = "training step" if est.recipe == "full_finetune" else "generate batch"
     length = "sequence" if est.recipe == "full_finetune" else "prompt"
+    ranks = f" per rank, {est.nproc} ranks (FSDP2)" if est.nproc > 1 and est.recipe == "full_finetune" else ""
+    ranks = ranks or (f" per rank, {est.nproc} ranks" if est.nproc > 1 else "")
     lines = [
-        f"{what} at batch {est.batch_size}, {length} {est.seq_len} tokens, on {d.name} "
+        f"{what} at batch {est.batch_size}{ranks}, {length} {est.seq_len} tokens, on {d.name} "
         f"({d.memory_bytes / GIB:.1f} GiB, {d.bf16_flops / 1e12:.1f} bf16 TFLOP/s, {d.bandwidth / 1e9:.0f} GB/s)",
         "",
-        "peak memory (at the moment of the peak)",
+        "peak memory (at the moment of the peak)" + (", one rank" if est.nproc > 1 else ""),
     ]
     for name, value in est.breakdown.items():
         if value:

@@ -41,6 +41,9 @@ class Options:
     )
     switches: bool = True  # trace each memory switch too (one traced step each)
     max_batch: bool = True  # search the largest batch that fits
+    # ranks of the distributed recipe (torchrun's nnodes x nproc_per_node): above 1, one rank's
+    # step under FSDP2 (batch_size is per rank); generation: each rank holds the whole model
+    nproc: int = 1
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Estimate:
     epoch_s: float | None = None
     switches: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    nproc: int = 1  # ranks; above 1 the memory figures are one rank's
 
     def summary(self) -> dict[str, Any]:
         """The JSON line's fields."""
@@ -86,8 +90,10 @@ def _is_bnb(settings: TrainSettings) -> bool:
 def breakdown(traced: Traced, optimizer_bytes: int | None = None) -> dict[str, int]:
     """MemTracker's kinds at the peak in the categories a user turns switches on. Parameters
     split into frozen and trainable; buffers into the KV cache and the rest (RoPE tables);
-    the step's inputs (``Other``) count with temporaries. ``optimizer_bytes`` replaces the
-    traced optimizer state (8-bit AdamW)."""
+    the step's inputs (``Other``) count with temporaries. Under FSDP2 (``fsdp.as_step_kinds``)
+    weights and optimizer state are this rank's shards, and the weights all-gathered for the
+    layers being computed count apart. ``optimizer_bytes`` replaces the traced optimizer state
+    (8-bit AdamW)."""
     p = traced.peak
     params = p.get("Parameter", 0)
     trainable = min(traced.trainable_bytes, params)
@@ -95,7 +101,8 @@ def breakdown(traced: Traced, optimizer_bytes: int | None = None) -> dict[str, i
     parts = {
         "frozen weights": params - trainable,
         "trainable weights": trainable,
-        "gradients": p.get("Gradient", 0),
+        "all-gathered weights": p.get("Gathered", 0),  # FSDP2: unsharded layers in flight
+        "gradients": p.get("Gradient", 0) + p.get("Reduce", 0),  # FSDP2: and reduce-scatter input
         "optimizer state": p.get("Optstate", 0) if optimizer_bytes is None else optimizer_bytes,
         "activations": p.get("Activation", 0),
         "KV cache": kv,
@@ -120,6 +127,19 @@ class Estimator:
         self.device = device
         self.options = options
         self.training = isinstance(settings, TrainSettings)
+        self.world_size = options.nproc
+        if self.world_size < 1:
+            raise ConfigError(f"nproc={self.world_size}: the number of ranks is 1 or more")
+        if self.training and self.world_size > 1:
+            if settings.optimizer_in_bwd:
+                raise ConfigError(
+                    "optimizer_in_bwd=True runs in one process: leave nproc out or set it False"
+                )
+            if _is_bnb(settings):
+                raise ConfigError(
+                    f"nproc={self.world_size}: bitsandbytes optimizers cannot run under FSDP2 (the distributed "
+                    "recipe refuses them); use torch.optim.AdamW"
+                )
         if self.training:
             seq = settings.dataset.get("max_seq_len") if settings.dataset is not None else None
             if seq is None:
@@ -149,7 +169,8 @@ class Estimator:
         seq = int(s.dataset.max_seq_len)
         in_bwd = s.optimizer_in_bwd if optimizer_in_bwd is None else optimizer_in_bwd
         traced = trace_train_step(s, self.device, batch_size=b, seq_len=seq,
-                                  answer_tokens=min(self.answer_tokens, seq), optimizer_in_bwd=in_bwd)  # fmt: skip
+                                  answer_tokens=min(self.answer_tokens, seq), optimizer_in_bwd=in_bwd,
+                                  world_size=self.world_size)  # fmt: skip
         return traced, (bnb_state_bytes(_trainable_numels(s)) if _is_bnb(s) else None)
 
     def peak_of(self, traced: Traced, opt_bytes: int | None) -> int:
@@ -175,6 +196,7 @@ class Estimator:
             fits=self.fits(peak),
             step_s=traced.seconds,
             tflop_per_step=traced.flops / 1e12,
+            nproc=self.world_size,
         )
         est.notes += [
             f"memory: one step traced on fake tensors with torch {torch.__version__}'s MemTracker (no weight read); "
@@ -183,12 +205,20 @@ class Estimator:
             "time: roofline per operator (max of FLOPs / throughput and bytes / bandwidth, "
             f"{self.device.efficiency:.0%} of peak, {self.device.op_overhead_s * 1e6:.0f} us per operator)",
         ]
+        if self.training and self.world_size > 1:
+            est.notes.insert(0, f"per rank of {self.world_size} under FSDP2 (batch {s.batch_size} per rank), traced "
+                             "with FSDPMemTracker on a fake process group: each rank keeps 1/N of every weight "
+                             "and of the optimizer state; time leaves out communication")  # fmt: skip
+        elif self.world_size > 1:
+            est.notes.insert(
+                0, f"per rank of {self.world_size}: sharded evaluation holds the whole model on every rank"
+            )
         if _is_bnb(s):
             est.notes.append("8-bit AdamW: traced as torch AdamW, its state counted as bitsandbytes keeps it")
         if self.options.max_batch:
             est.max_batch_size = self.max_batch_size({s.batch_size: peak})
         if self.options.dataset_size:
-            steps = math.ceil(self.options.dataset_size / s.batch_size)
+            steps = math.ceil(self.options.dataset_size / (s.batch_size * self.world_size))
             est.epoch_s = steps * traced.seconds
         if self.options.switches:
             est.switches = self.switch_rows(peak, traced)
@@ -245,9 +275,10 @@ class Estimator:
         if self.training:
             rows.append(("enable_activation_checkpointing", not s.enable_activation_checkpointing,
                          {"enable_activation_checkpointing": not s.enable_activation_checkpointing}))  # fmt: skip
-            rows.append(
-                ("optimizer_in_bwd", not s.optimizer_in_bwd, {"optimizer_in_bwd": not s.optimizer_in_bwd})
-            )
+            if self.world_size == 1:  # the distributed recipe steps after backward
+                rows.append(
+                    ("optimizer_in_bwd", not s.optimizer_in_bwd, {"optimizer_in_bwd": not s.optimizer_in_bwd})
+                )
         rows.append(("dtype", "fp32" if s.torch_dtype == torch.bfloat16 else "bf16",
                      {"dtype": "fp32" if s.torch_dtype == torch.bfloat16 else "bf16"}))  # fmt: skip
         n = s.num_image_tokens or 32
@@ -270,7 +301,8 @@ class Estimator:
             traced, opt_bytes = self.trace(s.replace(**changes))
             p = self.peak_of(traced, opt_bytes)
             out.append(self._row(f"{key}={value}", p, traced.seconds, peak))
-        if self.training and not _is_bnb(s):  # 8-bit AdamW: the base trace, its optimizer state counted
+        # 8-bit AdamW (not under FSDP2): the base trace, its optimizer state counted
+        if self.training and not _is_bnb(s) and self.world_size == 1:
             parts = breakdown(base, bnb_state_bytes(_trainable_numels(s)))
             out.append(self._row("optimizer._component_=bitsandbytes.optim.AdamW8bit", sum(parts.values()),
                                  base.seconds, peak))  # fmt: skip

@@ -21,6 +21,7 @@ from torchtune import config
 from medcap.decoding.cache import KVCaches
 from medcap.decoding.step import decode_core, run_block
 from medcap.estimate.devices import Device
+from medcap.estimate.fsdp import FSDPStepTracker, as_step_kinds, fake_process_group, fsdp_wrap, shard_bytes
 from medcap.estimate.model import (
     fake_mode,
     fixed_cache_writes,
@@ -71,10 +72,26 @@ def trace_train_step(
     seq_len: int,
     answer_tokens: int,
     optimizer_in_bwd: bool = False,
+    world_size: int = 1,
 ) -> Traced:
+    """One step on one device, or (``world_size`` > 1) one rank's step under FSDP2 as the
+    distributed recipe shards the model (``fsdp``); ``batch_size`` is per rank."""
+    if world_size > 1:
+        if optimizer_in_bwd:
+            raise ValueError(
+                "optimizer_in_bwd=True runs in one process; the distributed recipe steps after backward"
+            )
+        with fake_process_group(world_size) as mesh:
+            return _trace_train_step(settings, device, batch_size, seq_len, answer_tokens, False, mesh)
+    return _trace_train_step(settings, device, batch_size, seq_len, answer_tokens, optimizer_in_bwd, None)
+
+
+def _trace_train_step(settings, device, batch_size, seq_len, answer_tokens, optimizer_in_bwd, mesh) -> Traced:
     llm_dtype = settings.torch_dtype
     model = model_on_meta(settings, llm_dtype, checkpointing=settings.enable_activation_checkpointing)
     fixed_shapes(model, answer_tokens)
+    if mesh is not None:
+        model = fsdp_wrap(model, mesh)
     mode = fake_mode()
     model = to_fake(model, mode)
     size = model.visual.preprocess.size
@@ -96,8 +113,12 @@ def trace_train_step(
         tokens = torch.zeros(batch_size, seq_len, dtype=torch.long)
         labels = torch.zeros(batch_size, seq_len, dtype=torch.long)
         images = torch.empty(batch_size, 3, size, size)
-        tracker = StepMemTracker()
-        tracker.track_external(model, *optimizers.values(), tokens, labels, images)
+        if mesh is None:
+            tracker = StepMemTracker()
+            tracker.track_external(model, *optimizers.values(), tokens, labels, images)
+        else:
+            tracker = FSDPStepTracker(model, optimizers[None])
+            tracker.track_inputs((tokens, labels, images))
         roofline = Roofline(device)
         with tracker, roofline:
             with _autocast(llm_dtype):
@@ -106,10 +127,15 @@ def trace_train_step(
             loss.backward()
             if not optimizer_in_bwd:
                 if settings.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, max_norm=settings.clip_grad_norm)
+                    norm = torch.nn.utils.clip_grad_norm_(params, max_norm=settings.clip_grad_norm)
+                    if hasattr(norm, "full_tensor"):
+                        norm.full_tensor()
                 optimizers[None].step()
                 optimizers[None].zero_grad(set_to_none=True)
-    return Traced(tracker.peak(), parameter_bytes(model, True), parameter_bytes(model, False), 0,
+    if mesh is None:
+        return Traced(tracker.peak(), parameter_bytes(model, True), parameter_bytes(model, False), 0,
+                      roofline.seconds, roofline.flops)  # fmt: skip
+    return Traced(as_step_kinds(tracker.peak()), shard_bytes(model, True), shard_bytes(model, False), 0,
                   roofline.seconds, roofline.flops)  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils._runtime_estimation import _IGNORE_OPS, get_num_bytes
@@ -79,6 +80,8 @@ class Roofline(TorchDispatchMode):
         self.ops: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):  # FSDP2's sharded parameters: count the
+            return NotImplemented  # local operators DTensor runs on this rank's shards instead
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
