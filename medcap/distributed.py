@@ -85,3 +85,17 @@ def require_shared_folder(folder: str | Path, key: str, wait_s: float = 10.0) ->
             f"the file rank 0 wrote there; on several machines {key} must be on a filesystem every "
             "node mounts at the same path (NFS, Lustre, ...): rank 0 writes there what every rank reads"
         )
+
+
+def fully_shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """FSDP2 as medcap shards: every decoder layer (the frozen LLM's too), the vision encoder,
+    the connector, then the root (embedding, final norm, output head). The training recipe and
+    ``medcap estimate nproc=N`` both call this, so the estimate traces what training runs."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.decoder.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model.visual, mesh=mesh)
+    fully_shard(model.projector, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

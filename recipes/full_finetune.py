@@ -30,6 +30,7 @@ from tqdm import tqdm
 from medcap.data.collate import build_dataloader
 from medcap.distributed import (
     end_distributed,
+    fully_shard_model,
     launched_by_torchrun,
     require_shared_folder,
     setup_device,
@@ -175,15 +176,8 @@ class VisionFinetuneRecipe:
         if not self.distributed:
             return model.to(self.device)
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        for layer in model.decoder.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model.visual, mesh=mesh)
-        fully_shard(model.projector, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
+        return fully_shard_model(model, init_device_mesh(self.device.type, (self.world_size,)))
 
     def _print(self, msg: str) -> None:
         if self.is_rank_zero:

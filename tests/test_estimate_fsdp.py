@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from test_estimate import ANSWER, IMAGE_TOKENS, SEQ, SPEC, device, options, train_cfg
 
+from medcap.distributed import fully_shard_model
 from medcap.errors import ConfigError
 from medcap.estimate import estimate, settings_for
-from medcap.estimate.fsdp import FSDPStepTracker, as_step_kinds, fsdp_wrap
+from medcap.estimate.fsdp import FSDPStepTracker, as_step_kinds
 from medcap.estimate.model import model_on_meta
 from medcap.models.llms import rope_init
 
@@ -49,7 +50,7 @@ def measure_one_rank(out: Path) -> None:
         for p in model.parameters():
             p.normal_(0, 0.02)
     rope_init(model.decoder)
-    model = fsdp_wrap(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    model = fully_shard_model(model, init_device_mesh("cpu", (dist.get_world_size(),)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     for p in params:

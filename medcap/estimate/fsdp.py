@@ -1,10 +1,10 @@
 """One rank's training step under FSDP2, traced on fake tensors with FSDP2's own memory tracker.
 
-The distributed recipe (``recipes/full_finetune.py``, ``VisionFinetuneRecipe._place``) calls
-``fully_shard`` on every decoder layer (the frozen LLM's layers too, so each rank keeps 1/N of
+The distributed recipe (``recipes/full_finetune.py``) shards with
+``medcap.distributed.fully_shard_model``: ``fully_shard`` on every decoder layer (the frozen LLM's layers too, so each rank keeps 1/N of
 the LLM and all-gathers one layer at a time), on the vision encoder, on the connector, and last
-on the whole model (the root: the LLM's embedding, final norm and output head). ``fsdp_wrap``
-does the same on the meta-device model, in one process, on a fake process group of the world
+on the whole model (the root: the LLM's embedding, final norm and output head). The estimate
+calls the same function on the meta-device model, in one process, on a fake process group of the world
 size (``torch.testing._internal.distributed.fake_pg``: collectives that move nothing); the step
 then runs on fake tensors under ``FSDPMemTracker``, which sees what one rank holds: its shards,
 the all-gathered (unsharded) weights of the layers in flight, gradients before and after the
@@ -22,28 +22,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-from medcap.models.fusion import MedcapModel
-
-TOTAL = "Total"
+from medcap.estimate.tracing import TOTAL, GlobalPeakOnly
 
 
-class FSDPStepTracker(FSDPMemTracker):
-    """``FSDPMemTracker`` keeping only the global peak (one device)."""
-
-    def _update_peak_stats(self, peak_state: Any) -> None:
-        for dev, snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(dev, 0) < snap[TOTAL]:
-                self._peak_mem[dev] = snap[TOTAL]
-                self._peak_mem_snap[dev] = dict(snap)
-
-    def peak(self) -> dict[str, int]:
-        """Bytes by ``_FSDPRefType`` value at the moment of the peak, and ``Total``."""
-        snaps = list(self._peak_mem_snap.values())
-        if len(snaps) != 1:
-            raise RuntimeError(f"expected one traced device, found {list(self._peak_mem_snap)}")
-        return {(k.value if isinstance(k, _FSDPRefType) else k): int(v) for k, v in snaps[0].items()}
+class FSDPStepTracker(GlobalPeakOnly, FSDPMemTracker):
+    """``FSDPMemTracker`` keeping only the global peak (one device); ``peak()`` gives bytes by
+    ``_FSDPRefType`` value ("Sharded Param", "All Gather", ...) and ``Total``."""
 
 
 def as_step_kinds(peak: dict[str, int]) -> dict[str, int]:
@@ -62,18 +48,6 @@ def as_step_kinds(peak: dict[str, int]) -> dict[str, int]:
         "Other": g("Inputs", 0),
         TOTAL: g(TOTAL, 0),
     }
-
-
-def fsdp_wrap(model: MedcapModel, mesh) -> MedcapModel:
-    """``fully_shard`` as the distributed recipe applies it (keep the two in step)."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.decoder.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model.visual, mesh=mesh)
-    fully_shard(model.projector, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
 
 
 @contextlib.contextmanager

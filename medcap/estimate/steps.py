@@ -20,8 +20,9 @@ from torchtune import config
 
 from medcap.decoding.cache import KVCaches
 from medcap.decoding.step import decode_core, run_block
+from medcap.distributed import fully_shard_model
 from medcap.estimate.devices import Device
-from medcap.estimate.fsdp import FSDPStepTracker, as_step_kinds, fake_process_group, fsdp_wrap, shard_bytes
+from medcap.estimate.fsdp import FSDPStepTracker, as_step_kinds, fake_process_group, shard_bytes
 from medcap.estimate.model import (
     fake_mode,
     fixed_cache_writes,
@@ -91,7 +92,7 @@ def _trace_train_step(settings, device, batch_size, seq_len, answer_tokens, opti
     model = model_on_meta(settings, llm_dtype, checkpointing=settings.enable_activation_checkpointing)
     fixed_shapes(model, answer_tokens)
     if mesh is not None:
-        model = fsdp_wrap(model, mesh)
+        model = fully_shard_model(model, mesh)
     mode = fake_mode()
     model = to_fake(model, mode)
     size = model.visual.preprocess.size

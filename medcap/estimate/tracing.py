@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Any
 
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -36,7 +36,30 @@ class _NoHook:
         pass
 
 
-class StepMemTracker(MemTracker):
+class GlobalPeakOnly:
+    """For a ``MemTracker`` (or ``FSDPMemTracker``): keep the global peak's snapshot only;
+    upstream keeps every module's, which took minutes for one 8B step."""
+
+    _curr_mem_snap: dict
+    _peak_mem: dict
+    _peak_mem_snap: dict
+
+    def _update_peak_stats(self, peak_state: Any) -> None:
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap[TOTAL]:
+                self._peak_mem[dev] = snap[TOTAL]
+                self._peak_mem_snap[dev] = dict(snap)
+
+    def peak(self) -> dict[str, int]:
+        """Bytes by kind (the tracker's reference-type values) at the moment of the peak, and
+        ``Total``; one device."""
+        snaps = list(self._peak_mem_snap.values())
+        if len(snaps) != 1:
+            raise RuntimeError(f"expected one traced device, found {list(self._peak_mem_snap)}")
+        return {getattr(k, "value", k): int(v) for k, v in snaps[0].items()}
+
+
+class StepMemTracker(GlobalPeakOnly, MemTracker):
     """``MemTracker`` for a model whose frozen parameters never get gradients."""
 
     def _track_module_params_and_buffers(self, module: torch.nn.Module, install_grad_hooks: bool = True):
@@ -52,19 +75,6 @@ class StepMemTracker(MemTracker):
             del self.memory_tracking[module]
         super()._pre_fw_hook(module, inputs)
 
-    def _update_peak_stats(self, peak_state: Any) -> None:
-        for dev, snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(dev, 0) < snap[TOTAL]:
-                self._peak_mem[dev] = snap[TOTAL]
-                self._peak_mem_snap[dev] = dict(snap)
-
-    def peak(self) -> dict[str, int]:
-        """Bytes by kind (``_MemRefType`` values: Parameter, Buffer, Gradient, Activation,
-        Temp, Optstate, Other) at the moment of the peak, and ``Total``; one device."""
-        snaps = list(self._peak_mem_snap.values())
-        if len(snaps) != 1:
-            raise RuntimeError(f"expected one traced device, found {list(self._peak_mem_snap)}")
-        return {(k.value if isinstance(k, _MemRefType) else k): int(v) for k, v in snaps[0].items()}
 
 
 class Roofline(TorchDispatchMode):
