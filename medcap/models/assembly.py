@@ -27,7 +27,12 @@ from torchtune.modules import TransformerDecoder
 from medcap.data.dataset import image_token_id
 from medcap.decoding import DecodeStep, compile_decoding
 from medcap.errors import ConfigError
-from medcap.models.checkpoints import CorruptCheckpointError, load_checked, refuse_unsafe
+from medcap.models.checkpoints import (
+    CorruptCheckpointError,
+    llm_checkpoint_files,
+    load_checked,
+    refuse_unsafe,
+)
 from medcap.models.embeddings_only import build_token_embeddings
 from medcap.models.fusion import MedcapModel, build_medcap_model
 from medcap.models.llms import decoder_from_state
@@ -81,27 +86,8 @@ class LLMCheckpointer:
                  checkpoint_files: list[str] | None = None, **kwargs: Any):  # fmt: skip
         from torchtune.training import FullModelHFCheckpointer, FullModelMetaCheckpointer
 
-        folder = Path(checkpoint_dir)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"checkpointer.checkpoint_dir={folder}: folder not found")
+        folder, files = llm_checkpoint_files(checkpoint_dir, checkpoint_files)
         given = [str(f) for f in checkpoint_files or []]
-        if given and all((folder / f).is_file() for f in given):
-            files = given
-        elif (folder / "config.json").is_file() and sorted(folder.glob("*.safetensors")):
-            files = [p.name for p in sorted(folder.glob("*.safetensors"))]
-        elif (folder / "params.json").is_file() and (folder / "consolidated.00.pth").is_file():
-            if len(list(folder.glob("consolidated.*.pth"))) > 1:
-                raise ValueError(
-                    f"{folder}: holds several consolidated.NN.pth shards (a model-parallel release); medcap's "
-                    "recipes load one file: use the Hugging Face download of the model"
-                )
-            files = ["consolidated.00.pth"]
-        else:
-            held = sorted(p.name for p in folder.iterdir())[:12]
-            raise FileNotFoundError(
-                f"checkpointer.checkpoint_dir={folder}: found neither Meta's layout (params.json + "
-                f"consolidated.00.pth) nor Hugging Face's (config.json + *.safetensors); it holds {held}"
-            )
         if given and files != given:
             log.info("checkpointer: %s holds %s, not %s: using the folder's files", folder, files, given)
         kind = FullModelHFCheckpointer if files[0].endswith(".safetensors") else FullModelMetaCheckpointer

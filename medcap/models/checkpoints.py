@@ -302,3 +302,36 @@ def latest_checkpoint(spec: Any) -> Path | None:
     if ckpt is not None and not ckpt.is_file():
         raise FileNotFoundError(f"vision_checkpoint={ckpt}: file not found")
     return ckpt
+
+
+def llm_checkpoint_files(checkpoint_dir: str | Path, checkpoint_files: Any = None) -> tuple[Path, list[str]]:
+    """The LLM checkpoint's folder and the file names to read, by one rule for every loader:
+    ``checkpoint_files`` as given where the folder holds them all, else the folder's own
+    (``*.safetensors`` beside a ``config.json``, or Meta's ``params.json`` + ``consolidated.00.pth``).
+    A model-parallel Meta release (several ``consolidated.NN.pth``) and a folder of neither
+    layout are refused in one line."""
+    folder = Path(str(checkpoint_dir))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpointer.checkpoint_dir={folder}: folder not found")
+    # a list of names; torchtune's dict form (filename_format, max_filename) or one string: the folder's own
+    given = [] if isinstance(checkpoint_files, (str, dict)) or hasattr(checkpoint_files, "keys") else [
+        str(f) for f in checkpoint_files or []
+    ]
+    if given and all((folder / f).is_file() for f in given):
+        return folder, given
+    shards = sorted(folder.glob("*.safetensors"))
+    if (folder / "config.json").is_file() and shards:
+        return folder, [p.name for p in shards]
+    if (folder / "params.json").is_file() and (folder / "consolidated.00.pth").is_file():
+        if len(list(folder.glob("consolidated.*.pth"))) > 1:
+            raise ValueError(
+                f"{folder}: holds several consolidated.NN.pth shards (a model-parallel release); medcap's "
+                "recipes load one file: use the Hugging Face download of the model"
+            )
+        return folder, ["consolidated.00.pth"]
+    held = sorted(p.name for p in folder.iterdir())[:12]
+    raise FileNotFoundError(
+        f"checkpointer.checkpoint_dir={folder}: found neither Meta's layout (params.json + "
+        f"consolidated.00.pth) nor Hugging Face's (config.json + *.safetensors); it holds {held}"
+    )
+

@@ -22,7 +22,7 @@ from torch import nn
 from torchtune import config
 from torchtune.training import set_default_dtype
 
-from medcap.models.checkpoints import load_checked
+from medcap.models.checkpoints import llm_checkpoint_files, load_checked
 
 # where the table lies in each layout (torchtune's name first; HF's, possibly under a prefix)
 TUNE_KEY = "tok_embeddings.weight"
@@ -52,29 +52,6 @@ class TokenEmbeddingsOnly(nn.Module):
 
     def caches_are_setup(self) -> bool:
         return False
-
-
-def checkpoint_files(checkpointer: DictConfig | dict) -> tuple[Path, list[Path]]:
-    """The LLM checkpoint's folder and files, as ``checkpointer`` (the config's) would read them:
-    its ``checkpoint_files`` where the folder holds them, else the folder's own (``LLMCheckpointer``'s
-    rule: ``*.safetensors`` beside a ``config.json``, or Meta's ``consolidated.00.pth``)."""
-    folder = Path(str(checkpointer["checkpoint_dir"]))
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpointer.checkpoint_dir={folder}: folder not found")
-    given = checkpointer.get("checkpoint_files") or []
-    given = [str(f) for f in given] if not isinstance(given, (str, dict, DictConfig)) else []
-    if given and all((folder / f).is_file() for f in given):
-        return folder, [folder / f for f in given]
-    shards = sorted(folder.glob("*.safetensors"))
-    if (folder / "config.json").is_file() and shards:
-        return folder, shards
-    if (folder / "consolidated.00.pth").is_file():
-        return folder, [folder / "consolidated.00.pth"]
-    held = sorted(p.name for p in folder.iterdir())[:12]
-    raise FileNotFoundError(
-        f"checkpointer.checkpoint_dir={folder}: found neither Meta's layout (params.json + consolidated.00.pth) "
-        f"nor Hugging Face's (config.json + *.safetensors); it holds {held}"
-    )
 
 
 def _embedding_key(keys: list[str]) -> str | None:
@@ -120,7 +97,8 @@ def _from_torch_file(files: list[Path]) -> tuple[torch.Tensor, str] | None:
 
 def read_token_embeddings(checkpointer: DictConfig | dict) -> tuple[torch.Tensor, str]:
     """The LLM's token embedding table ``[vocab, hidden]`` and where it came from, read alone."""
-    folder, files = checkpoint_files(checkpointer)
+    folder, names = llm_checkpoint_files(checkpointer["checkpoint_dir"], checkpointer.get("checkpoint_files"))
+    files = [folder / name for name in names]
     safetensors = [f for f in files if f.suffix == ".safetensors"]
     found = _from_safetensors(safetensors) if safetensors else _from_torch_file(files)
     if found is None:
