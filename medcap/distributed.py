@@ -24,6 +24,11 @@ def launched_by_torchrun() -> bool:
     return dist.is_torchelastic_launched() or "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun started (1 outside it), readable before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_device(device: str | None, distributed: bool = False, timeout: timedelta | None = None) -> torch.device:
     """The device for this process (``cuda`` becomes ``cuda:LOCAL_RANK``), and, when
     ``distributed``, the process group on the backend torchtune picks for it (nccl or gloo);

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchtune import config, modules, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+from torchtune.utils import get_device
 from tqdm import tqdm
 
 from medcap.data.collate import build_dataloader
@@ -32,6 +33,7 @@ from medcap.distributed import (
     end_distributed,
     fully_shard_model,
     launched_by_torchrun,
+    launched_world_size,
     require_shared_folder,
     setup_device,
     world_size_and_rank,
@@ -82,6 +84,8 @@ class VisionFinetuneRecipe:
         self.cfg = cfg  # kept whole in every checkpoint and the metric log, for provenance
         self.settings = s = TrainSettings.from_config(cfg, "full_finetune")
         self.distributed = distributed
+        if distributed:  # one rank's FSDP2 step, checked before the process group exists (the estimate's fake one needs the process)
+            preflight(s, get_device(s.device), world_size=launched_world_size())
         self.device = setup_device(s.device, distributed)
         self.world_size, self.rank = world_size_and_rank()
         self.is_rank_zero = self.rank == 0
@@ -99,7 +103,7 @@ class VisionFinetuneRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         s = self.settings
-        if not self.distributed:  # FSDP2 shards what one device would hold: the one-device estimate does not apply
+        if not self.distributed:  # (the distributed recipe checked one rank's FSDP2 step in __init__)
             preflight(s, self.device)  # before any weight is read: refuses a run that cannot fit
         self.tokenizer = config.instantiate(s.tokenizer)
         # torchtune seeds each rank with seed + rank; the randomly initialised vision side must be
@@ -258,7 +262,7 @@ class VisionFinetuneRecipe:
 
     def _complete_step(self, window: _Window, bar: tqdm) -> None:
         loss_sum, label_tokens = self._global_sums(window.loss_sum, window.label_tokens)
-        self._optimizer_step(label_tokens)
+        grad_norm = self._optimizer_step(label_tokens)
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         step_loss = loss_sum / max(label_tokens, 1)
         self.history.append((self.global_step, step_loss))
@@ -269,6 +273,8 @@ class VisionFinetuneRecipe:
             "tokens_per_second": window.input_tokens / elapsed,
             "samples_per_second": window.samples / elapsed,
         }
+        if grad_norm is not None:  # before clipping: whether clip_grad_norm binds, and how hard
+            metrics["grad_norm"] = grad_norm
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
                         smp_s=f"{metrics['samples_per_second']:.2f}")  # fmt: skip
@@ -286,7 +292,8 @@ class VisionFinetuneRecipe:
         torch.distributed.all_reduce(sums)
         return float(sums[0]), int(sums[1])
 
-    def _optimizer_step(self, label_tokens: int) -> None:
+    def _optimizer_step(self, label_tokens: int) -> float | None:
+        """One optimizer step; the trainables' gradient norm before clipping when clipping is on."""
         # the loss is a sum over label tokens; FSDP2 averages gradients over ranks, hence world_size
         if label_tokens and not self.settings.optimizer_in_bwd:
             training.scale_grads(self.model, torch.tensor(self.world_size / label_tokens))
@@ -295,12 +302,16 @@ class VisionFinetuneRecipe:
                 [p for p in self.model.parameters() if p.requires_grad], max_norm=self.settings.clip_grad_norm
             )
             if hasattr(norm, "full_tensor"):
-                norm.full_tensor()
+                norm = norm.full_tensor()
+            grad_norm = float(norm)
+        else:
+            grad_norm = None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
+        return grad_norm
 
     # ------------------------------------------------------------------ save
     def _trainable_states(self) -> tuple[dict, dict]:

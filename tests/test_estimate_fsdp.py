@@ -135,5 +135,45 @@ def test_what_the_distributed_recipe_refuses_is_refused():
         estimate(train_cfg(), options(nproc=0), device(2**34))
 
 
+def test_distributed_preflight_checks_one_ranks_share(per_rank):
+    """A budget between one rank's FSDP2 peak and the one-device peak: two ranks fit, one does not."""
+    from medcap.estimate.preflight import PreflightError, preflight
+
+    settings = settings_for(train_cfg())
+    single = estimate(train_cfg(), options(), device(2**34))
+    budget = int((per_rank.peak_bytes + single.peak_bytes) / 2 * 1.05)  # preflight counts 5% for the allocator
+    assert per_rank.required_bytes < budget < single.required_bytes
+    preflight(settings, torch.device("cuda"), world_size=2, mem_get_info=lambda: (budget, budget))
+    with pytest.raises(PreflightError, match="does not fit"):
+        preflight(settings, torch.device("cuda"), mem_get_info=lambda: (budget, budget))
+    small = per_rank.peak_bytes // 2
+    with pytest.raises(PreflightError, match="estimated peak per rank of 2, .* does not fit"):
+        preflight(settings, torch.device("cuda"), world_size=2, mem_get_info=lambda: (small, small))
+
+
+def test_distributed_recipe_runs_the_preflight_before_the_process_group(monkeypatch, tmp_path):
+    """Under torchrun the recipe refuses with one rank's estimate before any process group or file."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from medcap.cli import load_recipe
+    from medcap.estimate.preflight import PreflightError
+
+    recipe = load_recipe("full_finetune_single_device")
+    seen = {}
+
+    def refuse(settings, device, world_size=1):
+        seen["world_size"], seen["group"] = world_size, dist.is_initialized()
+        raise PreflightError("preflight: refused")
+
+    monkeypatch.setattr(recipe, "preflight", refuse)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = train_cfg("device=cpu", f"tokenizer.path={tmp_path}/missing.model", f"output_dir={tmp_path}")
+    with pytest.raises(PreflightError):
+        recipe.VisionFinetuneRecipe(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), distributed=True)
+    assert seen == {"world_size": 4, "group": False}
+
+
 if __name__ == "__main__":
     measure_one_rank(Path(sys.argv[1]))

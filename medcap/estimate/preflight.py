@@ -2,6 +2,10 @@
 free there; when it does not fit, one line that says so and names a switch that would make it
 fit (``preflight=False`` skips the check). One traced step (a minute for an 8B model on a
 slow CPU); switches are traced only when the first estimate does not fit.
+
+Under the distributed recipe each rank checks one rank's FSDP2 step (``world_size``) against its
+own GPU, before the process group exists (the estimate's fake group needs the process to itself);
+a rank that refuses ends the run, as torchrun stops the others when one fails.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ def preflight(
     settings: TrainSettings | GenerateSettings,
     device: torch.device,
     *,
+    world_size: int = 1,
     mem_get_info: Callable[[], tuple[int, int]] | None = None,
 ) -> None:
     """Raise ``PreflightError`` when the estimate does not fit in ``device``'s free memory. Runs on
-    CUDA only (``mem_get_info``, torch.cuda's by default, can be given to check elsewhere)."""
+    CUDA only (``mem_get_info``, torch.cuda's by default, can be given to check elsewhere).
+    ``world_size`` above 1: one rank of the distributed recipe (FSDP2, ``batch_size`` per rank)."""
     if not settings.preflight or (mem_get_info is None and device.type != "cuda"):
         return
     if mem_get_info is None:
@@ -42,7 +48,7 @@ def preflight(
         name = f"{device} (a given budget)"
     # free memory already leaves out the CUDA context; throughput figures do not matter here
     budget = replace(DEVICES["h100"], name=name, memory_bytes=int(free), reserve_bytes=0)
-    estimator = Estimator(settings, budget, Options(switches=False, max_batch=False))
+    estimator = Estimator(settings, budget, Options(switches=False, max_batch=False, nproc=world_size))
     est = estimator.run()
     if est.fits:
         log.info(
@@ -52,8 +58,9 @@ def preflight(
             name,
         )
         return
+    per_rank = f" per rank of {world_size}" if world_size > 1 else ""
     raise PreflightError(
-        f"preflight: the estimated peak, {est.required_bytes / GIB:.1f} GiB, does not fit in the "
+        f"preflight: the estimated peak{per_rank}, {est.required_bytes / GIB:.1f} GiB, does not fit in the "
         f"{free / GIB:.1f} GiB free on {name}; {suggestion(estimator, est.peak_bytes)} "
         "(`medcap estimate` shows the breakdown; preflight=False skips this check)"
     )

@@ -1,0 +1,142 @@
+"""Choose the demo's training settings on the validation groups only (never on test):
+train each candidate as ``make demo`` trains, answer the mini SLAKE's validation questions, and
+keep the candidate with the best validation score (closed accuracy and open recall over all
+questions, as the demo's report scores them; ties: the image-swap score, then the first).
+
+    python -m medcap.demo.tune --output_dir demo_output            # every candidate
+    python -m medcap.demo.tune --output_dir demo_output --only lr_3e-3
+
+Needs the demo's data and converted LLM (run ``make demo`` once). Each candidate costs one
+demo training (about 10 minutes on 2 cores); results go to OUTPUT_DIR/tune/tune.json and a
+candidate already there is reused, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medcap.demo.image_reading import BlindAnswerer, image_reading, item_score
+from medcap.demo.pipeline import (
+    EVAL_CONFIG,
+    TRAIN_CONFIG,
+    DemoError,
+    DemoPaths,
+    medcap_run,
+    model_overrides,
+    run_command,
+)
+from medcap.evaluation.outputs import EvalOutputs
+
+# name -> overrides of the demo config (recipes/configs/smollm2/135M_demo.yaml); "config" is the
+# config as it stands
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "config": {},
+    "lr_3e-3": {"optimizer.lr": 3e-3},
+    "lr_3e-4": {"optimizer.lr": 3e-4},
+}
+
+
+def validation_root(paths: DemoPaths, root: Path) -> Path:
+    """A SLAKE root whose ``test.json`` is the validation split (``medcap run generate
+    test_slake=True`` answers a root's test split)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "imgs").exists():
+        os.symlink(paths.slake / "imgs", root / "imgs", target_is_directory=True)
+    shutil.copyfile(paths.slake / "validate.json", root / "test.json")
+    return root
+
+
+def train_candidate(paths: DemoPaths, out: Path, name: str, overrides: dict[str, Any]) -> Path:
+    if out.exists():
+        shutil.rmtree(out)
+    args = {
+        **model_overrides(paths),
+        "output_dir": out,
+        "dataset.source": f"[{paths.data / 'slake_vqa_train.json'},{paths.data / 'slake_train.json'}]",
+        "save_initial_checkpoint": False,
+        **overrides,
+    }
+    run_command(medcap_run("full_finetune_single_device", TRAIN_CONFIG, args), f"train candidate {name}")
+    found = sorted((out / "checkpoint").glob("meta_model_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    if not found:
+        raise DemoError(f"training wrote no checkpoint in {out / 'checkpoint'}")
+    return found[-1]
+
+
+def score_validation(rows: list[dict[str, str]], blind: BlindAnswerer) -> dict[str, Any]:
+    reading = image_reading(rows, blind)
+    scores = [item_score(r["generated"], r["output"], r["answer_type"]) for r in rows]
+    return {
+        "score": float(np.mean(scores)),
+        "closed": reading["closed_vs_blind"]["model"],
+        "blind_closed": reading["closed_vs_blind"]["baseline"],
+        "image_swap": reading["image_swap"]["model"],
+        "by_content_type": {c: {t: round(v["model"], 3) for t, v in cell.items()}
+                            for c, cell in reading["by_content_type"].items()},  # fmt: skip
+        "n": len(rows),
+    }
+
+
+def evaluate_candidate(paths: DemoPaths, out: Path, checkpoint: Path, val_root: Path, blind: BlindAnswerer) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    args = {**model_overrides(paths), "output_dir": out, "vision_checkpoint": checkpoint, "test_slake": True,
+            "dataset_source": val_root}  # fmt: skip
+    run_command(medcap_run("generate", EVAL_CONFIG, args), "answer the validation questions")
+    rows = list(EvalOutputs.for_checkpoint(out, checkpoint).rows("slake").values())
+    return score_validation(rows, blind)
+
+
+def best_candidate(results: dict[str, dict[str, Any]]) -> str:
+    order = list(results)
+    return max(order, key=lambda n: (results[n]["score"], results[n]["image_swap"] or 0.0, -order.index(n)))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="the demo's output folder")
+    parser.add_argument("--only", nargs="*", choices=sorted(CANDIDATES), help="these candidates only")
+    parser.add_argument("--config_checkpoint", type=Path, default=None,
+                        help="score the 'config' candidate from this checkpoint (the last `make demo`'s, "
+                             "trained with the config as it stands) instead of training it again")  # fmt: skip
+    args = parser.parse_args(argv)
+    paths = DemoPaths(args.output_dir.resolve())
+    if not (paths.slake / "validate.json").is_file() or not paths.llm.is_dir():
+        raise DemoError(f"{paths.root}: no mini SLAKE or converted LLM; run `make demo` first")
+    work = paths.root / "tune"
+    record = work / "tune.json"
+    results: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
+    val_root = validation_root(paths, work / "validation_slake")
+    blind = BlindAnswerer.from_slake(paths.slake)
+    for name in args.only or list(CANDIDATES):
+        if results.get(name, {}).get("overrides") == CANDIDATES[name]:
+            print(f"{name}: already scored (reused)")
+            continue
+        if name == "config" and args.config_checkpoint:
+            checkpoint = args.config_checkpoint.resolve()
+        else:
+            checkpoint = train_candidate(paths, work / name / "train", name, CANDIDATES[name])
+        results[name] = {"overrides": CANDIDATES[name],
+                         **evaluate_candidate(paths, work / name / "eval_val", checkpoint, val_root, blind)}  # fmt: skip
+        record.write_text(json.dumps(results, indent=1))  # after each candidate: a rerun resumes
+    best = best_candidate(results)
+    print(f"\n{'candidate':<20} {'score':>6} {'closed':>7} {'blind':>6} {'swap':>6}  n={next(iter(results.values()))['n']}")
+    for name, r in results.items():
+        swap = f"{r['image_swap']:.3f}" if r["image_swap"] is not None else "n/a"
+        print(f"{name:<20} {r['score']:6.3f} {r['closed']:7.3f} {r['blind_closed']:6.3f} {swap:>6}"
+              + ("  <- best" if name == best else ""))  # fmt: skip
+    return {"best": best, "results": results}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DemoError as error:
+        raise SystemExit(f"error: {error}") from None
