@@ -8,6 +8,7 @@ Meta and Hugging Face publish (``consolidated.00.pth`` + ``params.json``; ``mode
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,3 +217,49 @@ def write_hub_biomedclip(cache_dir: Path, revision: str = "9f341de24bfb00180f1b8
     (snapshot / "open_clip_config.json").write_text(json.dumps(config))
     torch.save(clip.state_dict(), snapshot / "open_clip_pytorch_model.bin")
     return {k[len("visual.") :]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
+
+
+def run_in_process(args: list[str], what: str) -> float:
+    """``medcap.demo.pipeline.run_command`` without the process boundary: the same argument list
+    through the same entry point (``medcap.cli.main``, or a ``tools/`` script by path), in this
+    process. Each launch would otherwise spend ~10 s importing torch and torchtune; the
+    subprocess path itself is tested on its own (tests/test_demo.py)."""
+    import os
+    import runpy
+    import sys
+    import time
+    from unittest import mock
+
+    from medcap.cli import main as medcap_main
+    from medcap.demo.pipeline import ROOT, DemoError
+
+    if not args or args[0] != sys.executable:
+        raise ValueError(f"not a python command: {args}")
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    print(f"\n== {what} (in process)\n$ {' '.join(args[1:])}", flush=True)
+    start, cwd = time.perf_counter(), os.getcwd()
+    try:
+        os.chdir(ROOT)
+        with mock.patch.dict(os.environ, env), mock.patch.object(sys, "argv", list(args[1:])):
+            if args[1:3] == ["-m", "medcap.cli"]:
+                medcap_main(args[3:])
+            else:
+                sys.argv = list(args[1:])
+                runpy.run_path(args[1], run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise DemoError(f"{what} failed (exit status {e.code}): {' '.join(args[1:])}") from None
+    finally:
+        os.chdir(cwd)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def commands_in_process():
+    """The demo's, the claims' and the tuning's pipelines run their commands in process."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in ("medcap.demo.pipeline", "medcap.claims.pipeline", "medcap.demo.tune"):
+            mp.setattr(f"{module}.run_command", run_in_process)
+        yield

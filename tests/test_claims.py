@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import commands_in_process
 
 from medcap.claims.probes import TEXT_PROMPTS, RewordError, reword
 from medcap.claims.stats import (
@@ -106,7 +107,8 @@ def test_quick_mode_end_to_end(tmp_path, smollm2, demo_slake):
     paths.llm.parent.mkdir(parents=True)
     paths.llm.symlink_to(smollm2, target_is_directory=True)
     paths.slake.symlink_to(demo_slake[0], target_is_directory=True)
-    summary = main(["--output_dir", str(tmp_path), "--quick"])
+    with commands_in_process():  # the same commands, in this process (tests/helpers.py)
+        summary = main(["--output_dir", str(tmp_path), "--quick"])
     work = tmp_path / "claims_quick"
     saved = json.loads((work / "claims.json").read_text())
     assert saved["claims"] == summary["claims"] and len(saved["claims"]) == 4

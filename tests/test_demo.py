@@ -1,11 +1,14 @@
 """A shortened `make demo`: the same commands (converters, medcap run generate / train, report) on
-the real SmolLM2-135M-Instruct and the mini SLAKE, with 3 training steps and 6 items per task."""
+the real SmolLM2-135M-Instruct and the mini SLAKE, with 3 training steps and 6 items per task.
+The commands run in this process (tests/helpers.py: ``run_in_process``, the same entry points
+without ~10 s of imports each); ``run_command``'s subprocesses are tested on their own here."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from helpers import commands_in_process
 
 pytestmark = pytest.mark.slow
 METRIC_KEYS = {"closed_accuracy", "open_recall", "open_f1", "bleu4", "rouge_l", "cider", "closed_n", "open_n",
@@ -21,8 +24,23 @@ def demo_run(tmp_path_factory, smollm2, demo_slake):
     paths.llm.parent.mkdir(parents=True)
     paths.llm.symlink_to(smollm2, target_is_directory=True)  # converted once per session
     paths.slake.symlink_to(demo_slake[0], target_is_directory=True)
-    summary = main(["--output_dir", str(root), "--epochs", "1", "--max_steps_per_epoch", "3", "--limit", "6"])
+    with commands_in_process():
+        summary = main(["--output_dir", str(root), "--epochs", "1", "--max_steps_per_epoch", "3", "--limit", "6"])
     return paths, summary
+
+
+def test_run_command_runs_a_subprocess_and_names_a_failed_one(tmp_path, capfd):
+    import sys
+
+    from medcap.demo.pipeline import DemoError, run_command
+
+    marker = tmp_path / "ran"
+    seconds = run_command([sys.executable, "-c", f"import os; open({str(marker)!r}, 'w').write(os.environ['HF_HUB_OFFLINE'])"],
+                          "write a marker")  # fmt: skip
+    assert marker.read_text() == "1" and seconds > 0  # offline, whatever the caller's environment
+    assert "== write a marker" in capfd.readouterr().out
+    with pytest.raises(DemoError, match=r"exit the hard way failed \(exit status 3\): python -c"):
+        run_command([sys.executable, "-c", "raise SystemExit(3)"], "exit the hard way")
 
 
 def test_summary_has_both_models_and_the_reference_rates(demo_run):
