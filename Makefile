@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # This machine's pip.conf names local indexes that may be absent; hide only that noise.
 PIP_QUIET := 2> >(grep -v -e 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: demo demo-assets claims smoke serve test test-quick lint install java chromium clean vllm vllm-install test-vllm
+.PHONY: demo demo-assets demo-tune claims smoke serve test test-quick lint install java chromium clean vllm vllm-install test-vllm
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ chromium:
 # images on the CPU; data and the converted LLM are reused on later runs
 demo: install java demo-assets
 	$(PY) -m medcap.demo --output_dir demo_output
+
+# the demo's settings chosen on the validation groups only (each candidate one demo training,
+# 10-15 minutes on 2 cores; needs `make demo` once); demo_output/tune/tune.json
+demo-tune: install
+	$(PY) -m medcap.demo.tune --output_dir demo_output
 
 # set-up: real CT and MRI volumes from pinned package files on PyPI (pyradiomics 3.1.0 sdist,
 # heudiconv 1.5.1 and TotalSegmentator 2.18.0 wheels; sha256 checked), written as NIfTI under

@@ -123,3 +123,54 @@ def test_question_suffix_without_escapes_is_unchanged(text):
     from medcap.evaluation.tasks import question_suffix
 
     assert question_suffix(text) == text
+
+
+def test_tuning_keeps_the_candidate_that_reads_the_validation_images(tmp_path):
+    """medcap.demo.tune scores validation answers as the report does and keeps the best candidate."""
+    from medcap.demo.tune import best_candidate, score_validation, versus
+
+    blind = BlindAnswerer(TRAIN)
+    reader, constant = score_validation(test_table(True), blind), score_validation(test_table(False), blind)
+    assert reader["score"] == 1.0 and reader["image_swap"] == 1.0 and reader["n"] == 8
+    assert constant["score"] == 0.5 and constant["image_swap"] == 0.0
+    assert reader["by_content_type"]["Modality"] == {"closed": 1.0, "open": 1.0}
+    assert best_candidate({"config": constant, "lr_3e-3": reader}) == "lr_3e-3"
+    # a tie on the score goes to the image-swap score, then to the first candidate
+    assert best_candidate({"a": {**reader, "image_swap": 0.5}, "b": reader}) == "b"
+    assert best_candidate({"a": reader, "b": dict(reader)}) == "a"
+    # paired on the same questions: the reader is right on the 4 the constant answerer gets wrong
+    diff = versus({"config": constant, "lr_3e-3": reader}, "lr_3e-3")
+    assert diff["value"] == 0.5 and diff["ci_low"] > 0
+    assert versus({"config": constant}, "config") is None
+
+
+def test_a_tuning_candidate_is_asked_in_the_prompt_it_trained_on():
+    from medcap.demo.tune import CANDIDATES, prompt_overrides
+
+    assert prompt_overrides(CANDIDATES["epochs_3_no_system"]) == {"tokenizer.default_system_prompt": "null"}
+    assert prompt_overrides({"optimizer.lr": 3e-3, "epochs": 3}) == {}
+
+
+def test_a_tuning_result_is_reused_only_under_the_same_configs():
+    from medcap.demo.tune import configs_fingerprint, reusable
+
+    fingerprint = configs_fingerprint()
+    assert fingerprint == configs_fingerprint() and len(fingerprint) == 16
+    done = {"overrides": {"epochs": 3}, "configs": fingerprint, "score": 0.6}
+    assert reusable(done, {"epochs": 3}, fingerprint)
+    assert not reusable(done, {"epochs": 2}, fingerprint)
+    assert not reusable(done, {"epochs": 3}, "another config")
+    assert not reusable({"overrides": {"epochs": 3}}, {"epochs": 3}, fingerprint)  # recorded before fingerprints
+
+
+def test_tuning_answers_the_validation_split_as_a_test_split(tmp_path):
+    from medcap.demo.pipeline import DemoPaths
+    from medcap.demo.tune import validation_root
+
+    paths = DemoPaths(tmp_path / "demo")
+    (paths.slake / "imgs").mkdir(parents=True)
+    (paths.slake / "validate.json").write_text(json.dumps([{"qid": 1}]))
+    (paths.slake / "test.json").write_text(json.dumps([{"qid": 2}]))
+    root = validation_root(paths, tmp_path / "val")
+    assert json.loads((root / "test.json").read_text()) == [{"qid": 1}]
+    assert (root / "imgs").resolve() == (paths.slake / "imgs").resolve()

@@ -7,13 +7,14 @@ questions, as the demo's report scores them; ties: the image-swap score, then th
     python -m medcap.demo.tune --output_dir demo_output --only lr_3e-3
 
 Needs the demo's data and converted LLM (run ``make demo`` once). Each candidate costs one
-demo training (about 10 minutes on 2 cores); results go to OUTPUT_DIR/tune/tune.json and a
+demo training (10 to 15 minutes on 2 cores); results go to OUTPUT_DIR/tune/tune.json and a
 candidate already there is reused, so a rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,9 @@ from medcap.demo.pipeline import (
     model_overrides,
     run_command,
 )
+from medcap.demo.stats import paired_interval
 from medcap.evaluation.outputs import EvalOutputs
+from medcap.recipe_files import resolve_config
 
 # name -> overrides of the demo config (recipes/configs/smollm2/135M_demo.yaml); "config" is the
 # config as it stands
@@ -40,7 +43,23 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "config": {},
     "lr_3e-3": {"optimizer.lr": 3e-3},
     "lr_3e-4": {"optimizer.lr": 3e-4},
+    "epochs_2": {"epochs": 2},
+    "epochs_3": {"epochs": 3},
+    # SmolLM2's default system prompt is 21 of the ~45 text tokens of a demo question
+    "epochs_3_no_system": {"epochs": 3, "tokenizer.default_system_prompt": "null"},
 }
+
+
+def configs_fingerprint() -> str:
+    """The demo's two configs as they stand: a result measured under other configs is not reused."""
+    digest = hashlib.sha256()
+    for name in (TRAIN_CONFIG, EVAL_CONFIG):
+        digest.update(resolve_config(name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def reusable(done: dict[str, Any], overrides: dict[str, Any], fingerprint: str) -> bool:
+    return done.get("overrides") == overrides and done.get("configs") == fingerprint
 
 
 def validation_root(paths: DemoPaths, root: Path) -> Path:
@@ -81,14 +100,31 @@ def score_validation(rows: list[dict[str, str]], blind: BlindAnswerer) -> dict[s
         "by_content_type": {c: {t: round(v["model"], 3) for t, v in cell.items()}
                             for c, cell in reading["by_content_type"].items()},  # fmt: skip
         "n": len(rows),
+        "items": {r["index"]: s for r, s in zip(rows, scores)},  # for paired comparisons
     }
 
 
-def evaluate_candidate(paths: DemoPaths, out: Path, checkpoint: Path, val_root: Path, blind: BlindAnswerer) -> dict:
+def versus(results: dict[str, dict[str, Any]], name: str, reference: str = "config") -> dict[str, float] | None:
+    """The candidate's score minus the reference's, paired on the same validation questions."""
+    if name == reference or reference not in results:
+        return None
+    mine, theirs = results[name]["items"], results[reference]["items"]
+    shared = sorted(set(mine) & set(theirs))
+    return paired_interval([mine[k] for k in shared], [theirs[k] for k in shared])
+
+
+def prompt_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A candidate's tokenizer settings: the prompt it trained on is the prompt it is asked in."""
+    return {k: v for k, v in overrides.items() if k.startswith("tokenizer.")}
+
+
+def evaluate_candidate(
+    paths: DemoPaths, out: Path, checkpoint: Path, val_root: Path, blind: BlindAnswerer, overrides: dict[str, Any]
+) -> dict:
     if out.exists():
         shutil.rmtree(out)
     args = {**model_overrides(paths), "output_dir": out, "vision_checkpoint": checkpoint, "test_slake": True,
-            "dataset_source": val_root}  # fmt: skip
+            "dataset_source": val_root, **prompt_overrides(overrides)}  # fmt: skip
     run_command(medcap_run("generate", EVAL_CONFIG, args), "answer the validation questions")
     rows = list(EvalOutputs.for_checkpoint(out, checkpoint).rows("slake").values())
     return score_validation(rows, blind)
@@ -115,22 +151,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
     val_root = validation_root(paths, work / "validation_slake")
     blind = BlindAnswerer.from_slake(paths.slake)
+    fingerprint = configs_fingerprint()
     for name in args.only or list(CANDIDATES):
-        if results.get(name, {}).get("overrides") == CANDIDATES[name]:
+        if reusable(results.get(name, {}), CANDIDATES[name], fingerprint):
             print(f"{name}: already scored (reused)")
             continue
         if name == "config" and args.config_checkpoint:
             checkpoint = args.config_checkpoint.resolve()
         else:
             checkpoint = train_candidate(paths, work / name / "train", name, CANDIDATES[name])
-        results[name] = {"overrides": CANDIDATES[name],
-                         **evaluate_candidate(paths, work / name / "eval_val", checkpoint, val_root, blind)}  # fmt: skip
+        results[name] = {"overrides": CANDIDATES[name], "configs": fingerprint,
+                         **evaluate_candidate(paths, work / name / "eval_val", checkpoint, val_root, blind,
+                                              CANDIDATES[name])}  # fmt: skip
         record.write_text(json.dumps(results, indent=1))  # after each candidate: a rerun resumes
+    stale = [n for n, r in results.items() if r.get("configs") != fingerprint or "items" not in r]
+    if stale:
+        print(f"not compared (measured under other configs; rerun with --only to measure): {', '.join(stale)}")
+    results = {n: r for n, r in results.items() if n not in stale}
     best = best_candidate(results)
-    print(f"\n{'candidate':<20} {'score':>6} {'closed':>7} {'blind':>6} {'swap':>6}  n={next(iter(results.values()))['n']}")
+    print(f"\n{'candidate':<20} {'score':>6} {'minus config [95%]':>24} {'closed':>7} {'blind':>6} {'swap':>6}"
+          f"  n={next(iter(results.values()))['n']}")  # fmt: skip
     for name, r in results.items():
         swap = f"{r['image_swap']:.3f}" if r["image_swap"] is not None else "n/a"
-        print(f"{name:<20} {r['score']:6.3f} {r['closed']:7.3f} {r['blind_closed']:6.3f} {swap:>6}"
+        d = versus(results, name)
+        diff = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else ""
+        print(f"{name:<20} {r['score']:6.3f} {diff:>24} {r['closed']:7.3f} {r['blind_closed']:6.3f} {swap:>6}"
               + ("  <- best" if name == best else ""))  # fmt: skip
     return {"best": best, "results": results}
 
