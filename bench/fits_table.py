@@ -2,7 +2,7 @@
 card, from ``medcap estimate`` (estimates, not measurements). Peaks do not depend on the card,
 so the traced batches are shared between cards (one Estimator's traces, reused).
 
-    nice -n 10 python bench/fits_table.py        # about 15 traced 8B steps: 20-30 min on 2 CPU cores
+    nice -n 10 python bench/fits_table.py        # about 5 minutes on 2 CPU cores (2-core AMD EPYC, 2026-12-07)
 """
 
 from __future__ import annotations
