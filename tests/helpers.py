@@ -231,20 +231,18 @@ def run_in_process(args: list[str], what: str) -> float:
     from unittest import mock
 
     from medcap.cli import main as medcap_main
-    from medcap.demo.pipeline import ROOT, DemoError
+    from medcap.demo.pipeline import COMMAND_ENV, ROOT, DemoError
 
     if not args or args[0] != sys.executable:
         raise ValueError(f"not a python command: {args}")
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"\n== {what} (in process)\n$ {' '.join(args[1:])}", flush=True)
     start, cwd = time.perf_counter(), os.getcwd()
     try:
         os.chdir(ROOT)
-        with mock.patch.dict(os.environ, env), mock.patch.object(sys, "argv", list(args[1:])):
+        with mock.patch.dict(os.environ, COMMAND_ENV), mock.patch.object(sys, "argv", list(args[1:])):
             if args[1:3] == ["-m", "medcap.cli"]:
                 medcap_main(args[3:])
             else:
-                sys.argv = list(args[1:])
                 runpy.run_path(args[1], run_name="__main__")
     except SystemExit as e:
         if e.code not in (0, None):

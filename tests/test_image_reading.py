@@ -147,7 +147,7 @@ def test_tuning_keeps_the_candidate_that_reads_the_validation_images(tmp_path):
 def test_a_tuning_candidate_is_asked_in_the_prompt_it_trained_on():
     from medcap.demo.tune import CANDIDATES, prompt_overrides
 
-    assert prompt_overrides(CANDIDATES["epochs_3_no_system"]) == {"tokenizer.default_system_prompt": "null"}
+    assert prompt_overrides(CANDIDATES["no_system_prompt"]) == {"tokenizer.default_system_prompt": "null"}
     assert prompt_overrides({"optimizer.lr": 3e-3, "epochs": 3}) == {}
 
 

@@ -71,13 +71,17 @@ class DemoPaths:
         return self.root / f"eval_{tag}"
 
 
+# every step runs offline (the demo never downloads a model) and without tokenizers' thread warnings
+COMMAND_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_command(args: list[str], what: str) -> float:
     """Run one step as a subprocess (its progress bars go to the terminal); seconds taken."""
     shown = " ".join(shlex.quote(a) for a in args)
     shown = shown.replace(f"{shlex.quote(sys.executable)} -m medcap.cli", "medcap")
     shown = shown.replace(shlex.quote(sys.executable), "python").replace(f"{Path.cwd()}/", "")
     print(f"\n== {what}\n$ {shown}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **COMMAND_ENV}
     start = time.perf_counter()
     result = subprocess.run(args, cwd=ROOT, env=env)
     if result.returncode != 0:
