@@ -206,6 +206,10 @@ class TrainSettings(ModelSettings):
     batch_size: int = 1
     epochs: int = 1
     shuffle: bool = True
+    # draw training records balanced by a record field (the demo: "modality"; records without it,
+    # captions say, are one class): each class's share ~ count ** (1 - balance_power)
+    balance_by: str | None = None
+    balance_power: float = 1.0
     num_workers: int = 0
     optimizer: Component = None
     # one optimizer per trainable tensor, stepped as soon as its gradient is ready: gradients
@@ -243,6 +247,8 @@ class TrainSettings(ModelSettings):
                 f"optimizer_in_bwd=True steps each tensor as soon as its gradient exists: it needs clip_grad_norm=null "
                 f"(is {self.clip_grad_norm}) and gradient_accumulation_steps=1 (is {self.gradient_accumulation_steps})"
             )
+        if not 0 <= self.balance_power <= 1:
+            raise ConfigError(f"balance_power={self.balance_power}: expected 0 (natural frequencies) to 1 (equal shares)")
         _ = self.llm_lora  # checks the rank and the module names
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.utils import get_device
 from tqdm import tqdm
 
-from medcap.data.collate import build_dataloader
+from medcap.data.collate import balance_weights, build_dataloader
 from medcap.distributed import (
     end_distributed,
     fully_shard_model,
@@ -158,6 +159,7 @@ class VisionFinetuneRecipe:
             world_size=self.world_size,
             rank=self.rank,
             pin_memory=self.device.type == "cuda",
+            weights=self._balance_weights(),
         )
         self.steps_per_epoch = steps_per_epoch(len(self.loader), self.accumulation, s.max_steps_per_epoch)
         total = self.steps_per_epoch * self.epochs
@@ -175,6 +177,19 @@ class VisionFinetuneRecipe:
         self.metric_logger = config.instantiate(s.metric_logger) if self.is_rank_zero else None
         if self.metric_logger is not None:
             self.metric_logger.log_config(self.cfg)
+
+    def _balance_weights(self) -> torch.Tensor | None:
+        """Sampling weights that balance the records by ``balance_by`` (None: a permutation)."""
+        name = self.settings.balance_by
+        if not name:
+            return None
+        classes = self.dataset.field_values(name)
+        if all(c is None for c in classes):
+            raise ConfigError(f"balance_by={name}: no record of {self.settings.dataset.get('source')} has a field {name!r}")
+        counts = Counter(classes)
+        self._print(f"balanced by {name} (power {self.settings.balance_power}): " + ", ".join(
+            f"{c} {n}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1])))  # fmt: skip
+        return balance_weights(classes, self.settings.balance_power)
 
     def _place(self, model):
         if not self.distributed:

@@ -11,7 +11,7 @@ from torchtune.data import Message
 
 from medcap.data import chat_dataset
 from medcap.data.chatml import ChatMLTokenizer
-from medcap.data.collate import build_dataloader, collate_image_chat
+from medcap.data.collate import ResumableSampler, balance_weights, build_dataloader, collate_image_chat
 from medcap.data.dataset import (
     ImageChatDataset,
     SampleTooLongError,
@@ -285,3 +285,39 @@ def test_training_augmentation_is_random_evaluation_is_not(data_dir):
     assert augment(image).shape == plain(image).shape == (3, 64, 64)
     assert not augment(image).equal(augment(image))
     assert plain(image).equal(plain(image))
+
+
+def test_balance_weights_give_each_class_its_share():
+    classes = ["MRI"] * 60 + ["CT"] * 15 + [None] * 4 + ["X-Ray"]
+    share = lambda w, c: float(sum(x for x, k in zip(w, classes) if k == c) / w.sum())  # noqa: E731
+    equal = balance_weights(classes, 1.0)
+    assert all(abs(share(equal, c) - 0.25) < 1e-9 for c in ("MRI", "CT", None, "X-Ray"))
+    natural = balance_weights(classes, 0.0)
+    assert abs(share(natural, "MRI") - 0.75) < 1e-9
+    roots = balance_weights(classes, 0.5)  # shares ~ sqrt(count): 60 -> 7.75, 15 -> 3.87
+    assert abs(share(roots, "MRI") / share(roots, "CT") - 2.0) < 1e-9
+
+
+def test_weighted_sampler_is_seeded_resumable_and_shared_by_ranks(llama3_tok, data_dir):
+    """Balanced draws follow the weights, depend on (seed, epoch) only, resume part-way with the
+    same sequence, and two ranks split the one sequence a single process draws."""
+    rows = [qa(f"question {i}", "a", image="") | {"modality": "CT" if i < 3 else "MRI"} for i in range(30)]
+    ds = ImageChatDataset(llama3_tok, write_json(data_dir / "w.json", rows), num_image_tokens=N)
+    weights = balance_weights(ds.field_values("modality"), 1.0)
+    assert ds.field_values("modality")[:4] == ["CT", "CT", "CT", "MRI"]
+
+    def keys(epoch, start=0, world_size=1, rank=0, seed=5):
+        sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, seed=seed, weights=weights)
+        sampler.set_epoch(epoch)
+        sampler.start_index = start
+        return [i for i, e in sampler if e == epoch]
+
+    one = keys(0)
+    assert len(one) == 30 and one == keys(0) and one != keys(1) and one != keys(0, seed=6)
+    assert keys(0, start=7) == one[7:]
+    assert keys(0, world_size=2, rank=0) == one[0::2] and keys(0, world_size=2, rank=1) == one[1::2]
+    draws = [i for epoch in range(40) for i in keys(epoch)]
+    ct_share = sum(i < 3 for i in draws) / len(draws)  # 3 of 30 records, half of the draws
+    assert 0.45 < ct_share < 0.55
+    with pytest.raises(ValueError, match="2 sampling weights for 30 records"):
+        ResumableSampler(ds, num_replicas=1, rank=0, weights=weights[:2])

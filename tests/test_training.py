@@ -194,6 +194,12 @@ def test_resume_without_state_is_a_clear_error(workspace, tmp_path):
     assert proc.returncode != 0 and "nothing to resume" in proc.stderr
 
 
+def test_balance_by_a_field_no_record_has_is_a_clear_error(workspace, tmp_path):
+    proc = medcap(*train_args(workspace, tmp_path / "b", "balance_by=modality", "epochs=1"), check=False)
+    assert proc.returncode != 0 and "balance_by=modality: no record of" in proc.stderr
+    assert "has a field 'modality'" in proc.stderr
+
+
 def test_cli_ls_cp_validate(tmp_path):
     listing = medcap("ls").stdout
     assert (

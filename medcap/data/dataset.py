@@ -163,6 +163,10 @@ class ImageChatDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def field_values(self, name: str) -> list[Any]:
+        """Each record's ``name`` field (None where absent), read without loading any image."""
+        return [record.get(name) for _, record, _ in self.records]
+
     def chat(self, index: int) -> ChatRecord:
         path, record, number = self.records[index]
         return record_to_chat(
