@@ -149,6 +149,7 @@ def test_a_tuning_candidate_is_asked_in_the_prompt_it_trained_on():
 
     assert prompt_overrides(CANDIDATES["no_system_prompt"]) == {"tokenizer.default_system_prompt": "null"}
     assert prompt_overrides({"optimizer.lr": 3e-3, "epochs": 3}) == {}
+    assert prompt_overrides(CANDIDATES["vit_mini"]) == {"vision": "vit_mini"}  # the checkpoint needs its encoder
 
 
 def test_a_tuning_result_is_reused_only_under_the_same_configs():
@@ -174,3 +175,17 @@ def test_tuning_answers_the_validation_split_as_a_test_split(tmp_path):
     root = validation_root(paths, tmp_path / "val")
     assert json.loads((root / "test.json").read_text()) == [{"qid": 1}]
     assert (root / "imgs").resolve() == (paths.slake / "imgs").resolve()
+
+
+def test_the_demo_configs_train_and_evaluate_the_same_model():
+    """The generation config loads the training config's checkpoint, and the probe rebuilds the
+    same encoder: a change of encoder or connector in one config must be made in the other."""
+    from omegaconf import OmegaConf
+
+    from medcap.demo.pipeline import EVAL_CONFIG, TRAIN_CONFIG, trained_encoder
+    from medcap.recipe_files import resolve_config
+
+    train, evaluate = (OmegaConf.load(resolve_config(n)) for n in (TRAIN_CONFIG, EVAL_CONFIG))
+    for key in ("vision", "connector", "num_image_tokens"):
+        assert train[key] == evaluate[key], key
+    assert trained_encoder() == train.vision

@@ -191,6 +191,15 @@ def train(paths: DemoPaths, epochs: int | None, max_steps_per_epoch: int | None)
     return checkpoints[-1], seconds
 
 
+def trained_encoder() -> str:
+    """The encoder the demo config trains (the probe rebuilds it around the checkpoint)."""
+    from omegaconf import OmegaConf
+
+    from medcap.recipe_files import resolve_config
+
+    return str(OmegaConf.load(resolve_config(TRAIN_CONFIG)).vision)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="everything goes here")
@@ -216,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           flush=True)  # fmt: skip
     start_probe = time.perf_counter()
     initial = paths.checkpoints / INITIAL_CHECKPOINT
-    probe = probe_demo(paths.slake, checkpoint, paths.root / "probe", initial=initial if initial.is_file() else None)
+    probe = probe_demo(paths.slake, checkpoint, paths.root / "probe", vision=trained_encoder(),
+                       initial=initial if initial.is_file() else None)  # fmt: skip
     timings["probe"] = time.perf_counter() - start_probe
     timings["total"] = time.perf_counter() - start
     return write_report(paths, baseline, trained, timings, probe, harness)
