@@ -150,6 +150,7 @@ def test_a_tuning_candidate_is_asked_in_the_prompt_it_trained_on():
     assert prompt_overrides(CANDIDATES["no_system_prompt"]) == {"tokenizer.default_system_prompt": "null"}
     assert prompt_overrides({"optimizer.lr": 3e-3, "epochs": 3}) == {}
     assert prompt_overrides(CANDIDATES["vit_mini"]) == {"vision": "vit_mini"}  # the checkpoint needs its encoder
+    assert prompt_overrides(CANDIDATES["patch_mlp"]) == {"connector": "patch_mlp", "num_image_tokens": 16}
 
 
 def test_a_tuning_result_is_reused_only_under_the_same_configs():

@@ -53,6 +53,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # the image path: a 64-px ViT with 4x the patches (8 px), twice the width and 4 layers, since
     # the v3 model answered one plane for every training image (docs/demo.md)
     "vit_mini": {"vision": "vit_mini"},
+    # one token per patch (LLaVA's connector: plane is spatial), blind to the question
+    "patch_mlp": {"connector": "patch_mlp", "num_image_tokens": 16},
 }
 
 
