@@ -224,11 +224,12 @@ def test_export_round_trip_through_open_clip(vision, tmp_path, tiny_decoder):
     assert f"CenterCrop(size=({size}, {size}))" in repr(preprocess)
 
 
-@pytest.mark.parametrize("connector", ["question_mlp", "question_film"])
+@pytest.mark.parametrize("connector", ["question_mlp", "question_film", "patch_film"])
 def test_question_connector_round_trip_is_read_from_the_file(connector, tmp_path, tiny_decoder, tiny_spec):
     torch.manual_seed(0)
+    tokens = 16 if connector == "patch_film" else 3  # one per patch of vit_tiny's 4 x 4
     model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector=connector,
-                               num_image_tokens=3)  # fmt: skip
+                               num_image_tokens=tokens)  # fmt: skip
     with torch.no_grad():
         for p in model.projector.parameters():
             p.add_(torch.randn_like(p))  # film starts at zero: make every weight tell
@@ -236,6 +237,6 @@ def test_question_connector_round_trip_is_read_from_the_file(connector, tmp_path
     assert read_vision_checkpoint(path).meta["connector"] == connector
     fresh = build_medcap_model(tiny_spec.torchtune_decoder(), image_token_id=IMAGE_ID, vision="vit_tiny",
                                vision_checkpoint=path)  # fmt: skip
-    assert fresh.projector.kind == connector and fresh.num_image_tokens == 3
+    assert fresh.projector.kind == connector and fresh.num_image_tokens == tokens
     saved, loaded = model.projector.state_dict(), fresh.projector.state_dict()
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)

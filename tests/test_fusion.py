@@ -254,3 +254,52 @@ def test_question_film_starts_as_cls_mlp_and_learns_from_the_product(tiny_decode
     (sign[:, None, None] * out).sum().backward()
     assert film.film.weight.grad.abs().sum() > 0
     assert torch.allclose(film[0].weight.grad, torch.zeros_like(film[0].weight.grad), atol=1e-6)
+
+
+def test_patch_film_starts_as_patch_mlp_and_the_question_scales_every_patch(tiny_decoder):
+    """At zero film each patch token is patch_mlp's, whatever the question; once the film has
+    weight the question changes every patch's token, one image's question never another's."""
+    from medcap.models.connectors import PatchFiLM, PatchMLP
+    from medcap.models.vision import VisionFeatures
+
+    torch.manual_seed(0)
+    film, plain = PatchFiLM(6, 8, 4), PatchMLP(6, 8, 4)
+    plain.load_state_dict({k: v for k, v in film.state_dict().items() if not k.startswith("film.")})
+    patches = torch.randn(2, 4, 6)
+    features = VisionFeatures(pooled=patches.mean(1), patches=patches)
+    questions = torch.randn(2, 8)
+    assert film(features, questions).shape == (2, 4, 8)
+    assert torch.equal(film(features, questions), plain(features))
+    torch.nn.init.normal_(film.film.weight)
+    other = questions.clone()
+    other[1] = torch.randn(8)  # not a shift or a scale: the question is layer-normalised
+    before, after = film(features, questions), film(features, other)
+    assert torch.equal(before[0], after[0])
+    assert all(not torch.allclose(before[1, p], after[1, p]) for p in range(4))
+    after.sum().backward()
+    assert film.film.weight.grad.abs().sum() > 0
+
+
+def test_patch_film_in_the_model_sees_the_question_never_the_answer(tiny_decoder):
+    torch.manual_seed(0)
+    model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector="patch_film")
+    assert model.num_image_tokens == model.visual.num_patches == 16
+    torch.nn.init.normal_(model.projector.film.weight)
+    n = model.num_image_tokens
+    tokens = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(1))
+    tokens[0, 1 : 1 + n] = IMAGE_ID
+    labels = torch.full_like(tokens, -100)
+    labels[0, 24:29] = tokens[0, 25:30]
+    images = torch.randn(1, 3, 64, 64)
+
+    def image_tokens(toks):
+        h = model.tok_embeddings(toks.masked_fill(toks == IMAGE_ID, 0))
+        return model.encode_images(images, model.questions(h, toks == IMAGE_ID, labels))
+
+    changed_answer, changed_question = tokens.clone(), tokens.clone()
+    changed_answer[0, 26:] = 7
+    changed_question[0, 1 + n] = (tokens[0, 1 + n] + 1) % 512
+    assert torch.equal(image_tokens(changed_answer), image_tokens(tokens))
+    assert not torch.equal(image_tokens(changed_question), image_tokens(tokens))
+    logits, targets = model(tokens, images=images, labels=labels)
+    assert logits.shape[0] == targets.shape[0] == 5

@@ -55,6 +55,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "vit_mini": {"vision": "vit_mini"},
     # one token per patch (LLaVA's connector: plane is spatial), blind to the question
     "patch_mlp": {"connector": "patch_mlp", "num_image_tokens": 16},
+    # one token per patch, each scaled by the question (FiLM); starts as patch_mlp
+    "patch_film": {"connector": "patch_film", "num_image_tokens": 16},
 }
 
 

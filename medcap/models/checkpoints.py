@@ -26,7 +26,7 @@ from torch import nn
 
 from medcap.errors import MedcapError
 from medcap.io import atomic_write, atomic_write_json
-from medcap.models.connectors import connector_spec
+from medcap.models.connectors import PER_PATCH, connector_spec
 from medcap.models.lora import LORA_KEY, lora_payload
 
 log = logging.getLogger("medcap")
@@ -62,7 +62,7 @@ class VisionCheckpoint:
                 f"{self.path}: projector.0.weight is for an LLM of width {width}, "
                 f"but the configured model has width {llm_dim}"
             )
-        if saved == "patch_mlp":
+        if saved in PER_PATCH:
             n = int(self.meta["num_image_tokens"])
         else:
             if out % width:

@@ -2,7 +2,7 @@
 
 All are ``nn.Sequential(Linear, GELU, Linear)`` so their state dicts carry the original medcap
 ``projector`` key names (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``); ``question_film``
-adds ``film.weight`` and ``film.bias``.
+and ``patch_film`` add ``film.weight`` and ``film.bias``.
 """
 
 from __future__ import annotations
@@ -92,7 +92,31 @@ class QuestionFiLM(ClsMLP):
         return self.tokens(features.pooled, scale=1 + self.film(q))
 
 
-CONNECTORS = {cls.kind: cls for cls in (ClsMLP, PatchMLP, QuestionMLP, QuestionFiLM)}
+class PatchFiLM(PatchMLP):
+    """``patch_mlp`` whose hidden features are scaled by the question, as ``question_film``
+    scales the pooled vector's: ``h_p = GELU(W0 patch_p) * (1 + Wq LayerNorm(question))`` for
+    every patch p. Plane and laterality are spatial (a pooled vector lost them in the demo) and
+    "Is this an MRI?" needs the question; this keeps the patches and lets the question choose
+    what each patch token carries. ``Wq`` starts at zero: training starts from ``patch_mlp``."""
+
+    kind = "patch_film"
+    needs_question = True
+
+    def __init__(self, in_dim: int, llm_dim: int, num_patches: int):
+        super().__init__(in_dim, llm_dim, num_patches)
+        self.film = nn.Linear(llm_dim, llm_dim)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, features: VisionFeatures, question: torch.Tensor) -> torch.Tensor:
+        patches = features.patches
+        q = F.layer_norm(question.to(patches.dtype), (question.shape[-1],))
+        hidden = self[1](self[0](patches)) * (1 + self.film(q)).unsqueeze(1)
+        return self[2](hidden)
+
+
+CONNECTORS = {cls.kind: cls for cls in (ClsMLP, PatchMLP, QuestionMLP, QuestionFiLM, PatchFiLM)}
+PER_PATCH = tuple(kind for kind, cls in CONNECTORS.items() if issubclass(cls, PatchMLP))
 
 
 def build_connector(
@@ -103,17 +127,17 @@ def build_connector(
     num_patches: int,
     llm_dim: int,
     num_image_tokens: int | None = None,
-) -> ClsMLP | PatchMLP | QuestionMLP | QuestionFiLM:
+) -> ClsMLP | PatchMLP | QuestionMLP | QuestionFiLM | PatchFiLM:
     if name not in CONNECTORS:
         raise ValueError(f"unknown connector {name!r}; choose one of {tuple(CONNECTORS)}")
-    if CONNECTORS[name] is not PatchMLP:  # one pooled vector -> N tokens
+    if name not in PER_PATCH:  # one pooled vector -> N tokens
         return CONNECTORS[name](pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
     if num_image_tokens not in (None, num_patches):
         raise ValueError(
-            f"connector=patch_mlp gives one token per patch ({num_patches}); "
+            f"connector={name} gives one token per patch ({num_patches}); "
             f"num_image_tokens={num_image_tokens} cannot be honoured"
         )
-    return PatchMLP(patch_dim, llm_dim, num_patches)
+    return CONNECTORS[name](patch_dim, llm_dim, num_patches)
 
 
 def connector_spec(projector_state: dict[str, torch.Tensor]) -> tuple[int, int, int]:
