@@ -174,6 +174,42 @@ def test_feature_cache_is_reused_and_invalidated_by_a_changed_checkpoint_or_imag
     assert (one.computed, one.cached) == (1, 35)
 
 
+def test_patch_features_are_the_flattened_patch_tokens_cached_apart(patterns, trained, tmp_path):
+    """features=patches gives what patch_mlp / patch_film read (position kept), under its own
+    cache key; the pooled key is unchanged (caches from before stay valid); the pixel baseline
+    is the same either way; an unknown kind is refused before anything is built."""
+    from medcap.probing.encoders import encoder_key
+
+    images = read_labels(patterns).images[:5]
+    spec = encoder_specs([trained], "vit_tiny")[0]
+    encoder = load_encoder(spec).eval()
+    patches = extract_features(spec, images, cache_dir=tmp_path, progress=False, features="patches")
+    pooled = extract_features(spec, images, cache_dir=tmp_path, progress=False)
+    assert patches.values.shape == (5, encoder.num_patches * 64) and pooled.values.shape == (5, encoder.pooled_dim)
+    assert patches.cache_file != pooled.cache_file and pooled.computed == 5
+    transform = encoder.preprocess.transform()
+    with torch.no_grad():
+        x = torch.stack([transform(Image.open(images[0].image).convert("RGB"))])
+        np.testing.assert_allclose(patches.values[0], encoder(x).patches.flatten(1)[0].numpy(), atol=1e-5)
+    assert encoder_key(spec, 0, "fp32") == encoder_key(spec, 0, "fp32", "pooled") != encoder_key(spec, 0, "fp32", "patches")
+    pixels = encoder_specs(["pixels"], "vit_tiny")[0]
+    np.testing.assert_array_equal(extract_features(pixels, images, progress=False, features="patches").values,
+                                  extract_features(pixels, images, progress=False).values)  # fmt: skip
+    with pytest.raises(ValueError, match="features='tokens': expected one of"):
+        ProbeSettings(features="tokens").check()
+
+
+def test_demo_probe_reads_what_the_connector_reads(trained, tmp_path):
+    from medcap.demo.probe import connector_features
+
+    state = torch.load(trained, weights_only=True)
+    assert connector_features(trained) == "pooled"  # cls_mlp
+    for connector in ("patch_mlp", "patch_film"):
+        state["medcap"]["connector"] = connector
+        torch.save(state, tmp_path / f"{connector}.pt")
+        assert connector_features(tmp_path / f"{connector}.pt") == "patches"
+
+
 def test_metrics_match_scikit_learn_and_bootstrap_handles_missing_classes():
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 

@@ -18,6 +18,7 @@ from medcap.probing import run_probe
 
 LABEL_KINDS = {"Modality": "modality", "Plane": "plane", "Organ": "body part"}
 TRAINED, INITIAL = "trained", "step 0"
+FEATURE_WORDS = {"pooled": "pooled features", "patches": "patch tokens (what the connector reads)"}
 NAMES = {TRAINED: "trained", INITIAL: "step 0 (training's own initialisation)", "random": "untrained (another random init)",
          "pixels": "pixel baseline"}  # fmt: skip
 
@@ -29,11 +30,22 @@ def paired_difference(result: dict[str, Any], a: str, b: str, seed: int = 0) -> 
     return paired_interval(right[a], right[b], seed)
 
 
+def connector_features(checkpoint: Path) -> str:
+    """The features the trained connector reads, so the probe asks what the LLM was given: patch
+    tokens for the per-patch connectors (whose pooled head gets no gradient), else the pooled
+    embedding."""
+    from medcap.models.checkpoints import read_vision_checkpoint
+    from medcap.models.connectors import PER_PATCH
+
+    return "patches" if read_vision_checkpoint(checkpoint).meta.get("connector") in PER_PATCH else "pooled"
+
+
 def probe_demo(slake: Path, checkpoint: Path, output_dir: Path, vision: str = "vit_tiny",
                initial: Path | None = None) -> dict[str, Any]:
     """Per label kind: each encoder's logistic-regression accuracy and balanced accuracy with
     intervals, and the trained encoder against each baseline (paired). ``initial`` (training's
     ``initial_vision.pt``) is the exact initialisation the trained encoder started from."""
+    features = connector_features(checkpoint)
     encoders: list[Any] = [{"name": TRAINED, "vision_checkpoint": str(checkpoint), "vision": vision}]
     if initial is not None:
         encoders.append({"name": INITIAL, "vision_checkpoint": str(initial), "vision": vision})
@@ -41,11 +53,12 @@ def probe_demo(slake: Path, checkpoint: Path, output_dir: Path, vision: str = "v
     for kind, words in LABEL_KINDS.items():
         # a body part seen only in test images (one study) cannot be learnt: left out, and counted
         result = run_probe(encoders, slake, output_dir / kind.lower(), label_kind=kind, vision=vision,
-                           unseen_test_classes="drop", progress=False, figure=True)  # fmt: skip
+                           unseen_test_classes="drop", progress=False, figure=True, features=features)  # fmt: skip
         names = {n: NAMES.get(n, NAMES.get(e["kind"], n)) for n, e in result["encoders"].items()}
         trained = TRAINED
         section = {
             "label": words,
+            "features": features,
             "classes": result["labels"]["classes"],
             "n_train": result["labels"]["n_train"],
             "n_test": result["labels"]["n_test"],
@@ -71,7 +84,8 @@ def _ci(m: dict[str, float]) -> str:
 
 def probe_lines(probe: dict[str, Any]) -> list[str]:
     """The console table: accuracy [95% interval] per label kind and encoder, then the verdicts."""
-    lines = ["", "Linear probes of the encoders' features (held-out test images; accuracy [95% CI]):"]
+    what = FEATURE_WORDS[next(iter(probe.values())).get("features", "pooled")] if probe else ""
+    lines = ["", f"Linear probes of the encoders' {what} (held-out test images; accuracy [95% CI]):"]
     for section in probe.values():
         cells = "  ".join(f"{name} {_ci(m['accuracy'])}" for name, m in section["encoders"].items())
         lines.append(f"  {section['label']:<10} (n={section['n_test']}): {cells}")
@@ -96,7 +110,7 @@ def probe_html(probe: dict[str, Any]) -> str:
     first = next(iter(probe.values()))
     head = "".join(f"<th>{html.escape(n)}</th>" for n in first["encoders"])
     return (f"<table><tr><th>label</th>{head}<th>trained against each (paired)</th></tr>{''.join(rows)}</table>"
-            '<p class="muted">Logistic regression on each encoder\'s pooled features (C chosen by grouped '
+            f'<p class="muted">Logistic regression on each encoder\'s {FEATURE_WORDS[first.get("features", "pooled")]} (C chosen by grouped '
             "cross-validation on the training images), scored on the held-out test images; 95% bootstrap "
             "intervals over test images; the differences are paired (the same test images for both encoders). "
             "Step 0 is the exact initialisation training started from (initial_vision.pt); the other "

@@ -1,5 +1,5 @@
 """Does an encoder trained against a frozen LLM give better image features? Linear and kNN probes
-of frozen pooled features on a labelled image set, against random initialisation of the same
+of frozen features (pooled, or patch tokens) on a labelled image set, against random initialisation of the same
 architecture and a pixel baseline.
 
     from medcap.probing import run_probe

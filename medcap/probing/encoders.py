@@ -154,12 +154,15 @@ def file_digest(path: Path, h: Any = None) -> Any:
     return h
 
 
-def encoder_key(spec: EncoderSpec, seed: int, dtype: str) -> str:
+def encoder_key(spec: EncoderSpec, seed: int, dtype: str, features: str = "pooled") -> str:
     """What the features depend on: weights by content (a rewritten checkpoint gets a new key),
-    the architecture file, medcap's builder and library versions for seeded random weights."""
+    the architecture file, medcap's builder and library versions for seeded random weights, and
+    which features (pooled keys are as before patch features existed, so old caches stay valid)."""
     import open_clip
 
     h = hashlib.sha256(f"v{FEATURES_VERSION}|{spec.kind}|{spec.vision}|{dtype}|{spec.pixel_size}".encode())
+    if features != "pooled":
+        h.update(f"|features={features}".encode())
     if spec.kind == "pixels":
         return h.hexdigest()
     arch = ARCH_DIR / f"{spec.vision}.json"

@@ -1,6 +1,7 @@
-"""Pooled image features of one encoder over a labelled set: batched, without gradients, and cached
-on disk by encoder and image content, so a rerun is instant and a changed checkpoint (or image)
-is never served stale features."""
+"""Image features of one encoder over a labelled set (the pooled embedding, or the final-layer
+patch tokens that per-patch connectors read): batched, without gradients, and cached on disk by
+encoder, feature kind and image content, so a rerun is instant and a changed checkpoint (or
+image) is never served stale features."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ from medcap.io import atomic_write
 from medcap.probing.encoders import EncoderSpec, encoder_key, file_digest, load_encoder
 from medcap.probing.labels import LabelledImage
 from medcap.settings import parse_dtype
+
+# pooled: the tower's image embedding (what cls_mlp and the question connectors read); patches:
+# the final-layer patch tokens flattened in order (what patch_mlp and patch_film read: position kept)
+FEATURE_KINDS = ("pooled", "patches")
+
+
+def check_feature_kind(features: str) -> str:
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"features={features!r}: expected one of {FEATURE_KINDS}")
+    return features
 
 
 @dataclass
@@ -96,6 +107,7 @@ def _compute(
     seed: int,
     num_workers: int,
     progress: bool,
+    features: str = "pooled",
 ) -> np.ndarray:
     encoder = None
     if spec.kind == "pixels":
@@ -112,7 +124,9 @@ def _compute(
             if encoder is None:
                 out.append(batch.numpy())
             else:
-                out.append(encoder(batch.to(device=device, dtype=parse_dtype(dtype))).pooled.float().cpu().numpy())
+                f = encoder(batch.to(device=device, dtype=parse_dtype(dtype)))
+                x = f.pooled if features == "pooled" else f.patches.flatten(1)
+                out.append(x.float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
 
@@ -127,20 +141,24 @@ def extract_features(
     seed: int = 0,
     num_workers: int = 0,
     progress: bool = True,
+    features: str = "pooled",
 ) -> Features:
     """Features for ``images``; only images missing from the cache are run (the encoder is not
-    even built when none is)."""
+    even built when none is). The pixel baseline is the same whatever ``features`` says."""
     parse_dtype(dtype)  # a wrong name fails before any encoder is built
+    check_feature_kind(features)
+    if spec.kind == "pixels":
+        features = "pooled"
     keys = image_keys(images)
     cache_file = None
     if cache_dir is not None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.name)[:40]
-        cache_file = Path(cache_dir) / f"{slug}-{encoder_key(spec, seed, dtype)[:24]}.npz"
+        cache_file = Path(cache_dir) / f"{slug}-{encoder_key(spec, seed, dtype, features)[:24]}.npz"
     stored = _read_cache(cache_file)
     todo = {k: i for i, k in enumerate(keys) if k not in stored}  # one run per distinct image
     if todo:
         new = _compute(
-            spec, [images[i] for i in todo.values()], batch_size, device, dtype, seed, num_workers, progress
+            spec, [images[i] for i in todo.values()], batch_size, device, dtype, seed, num_workers, progress, features
         )
         stored.update(zip(todo, new))
         if cache_file is not None:

@@ -1,4 +1,4 @@
-"""The probe's steps: the labelled set, pooled features of every encoder, the fitted and scored
+"""The probe's steps: the labelled set, features of every encoder, the fitted and scored
 probes (``fit_all``), and ``run_probe``, all of it in one call."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def read_labelled_set(labels: str | Path | LabelledSet, settings: ProbeSettings)
 def extract_all(
     specs: Iterable[EncoderSpec], lset: LabelledSet, settings: ProbeSettings, output_dir: str | Path
 ) -> dict[str, Features]:
-    """Pooled features of every encoder (cached under ``cache_dir``)."""
+    """Features of every encoder, pooled or patch tokens (cached under ``cache_dir``)."""
     cache_dir = None
     if settings.cache:
         cache_dir = Path(settings.cache_dir) if settings.cache_dir else Path(output_dir) / "feature_cache"
@@ -65,6 +65,7 @@ def extract_all(
             seed=settings.seed,
             num_workers=settings.num_workers,
             progress=settings.progress,
+            features=settings.features,
         )
         if not np.isfinite(f.values).all():
             raise ValueError(f"encoder {spec.name}: non-finite features (dtype={settings.dtype} overflow?)")

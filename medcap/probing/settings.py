@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from medcap.probing.features import check_feature_kind
 from medcap.settings import RecipeSettings
 
 
@@ -30,6 +31,7 @@ class ProbeSettings(RecipeSettings):
     vision: str = "biomedclip"  # architecture of checkpoints that do not name theirs
     device: str = "cpu"
     dtype: str = "fp32"  # the encoders' forward pass (features are kept in fp32)
+    features: str = "pooled"  # pooled (the embedding) or patches (patch tokens, flattened: what patch connectors read)
     batch_size: int = 32
     num_workers: int = 0
     cache: bool = True
@@ -48,3 +50,7 @@ class ProbeSettings(RecipeSettings):
     pixel_size: int = 16
     figure: bool = True
     progress: bool = True
+
+    def check(self) -> None:
+        super().check()
+        check_feature_kind(self.features)
