@@ -144,6 +144,31 @@ def test_tuning_keeps_the_candidate_that_reads_the_validation_images(tmp_path):
     assert versus({"config": constant}, "config") is None
 
 
+def test_tuning_over_seeds_averages_each_candidate_paired_on_questions():
+    from medcap.demo.tune import best_candidate, pooled_over_seeds, run_name, versus
+
+    def run(items, swap):
+        return {"score": sum(items.values()) / len(items), "closed": 0.5, "blind_closed": 0.5,
+                "image_swap": swap, "n": len(items), "items": items}  # fmt: skip
+
+    assert run_name("patch_mlp", None) == "patch_mlp" and run_name("patch_mlp", 2) == "patch_mlp@seed2"
+    results = {
+        "config": run({"1": 1.0, "2": 0.0, "3": 0.0, "4": 0.0}, 0.1),
+        "config@seed2": run({"1": 0.0, "2": 0.0, "3": 0.0, "4": 0.0}, None),
+        "a": run({"1": 1.0, "2": 1.0, "3": 0.0, "4": 0.0}, 0.3),  # one lucky seed
+        "a@seed2": run({"1": 0.0, "2": 0.0, "3": 0.0, "4": 0.0}, 0.1),
+        "b": run({"1": 1.0, "2": 1.0, "3": 0.0, "4": 0.0}, 0.2),  # no second seed: taken as it is
+    }
+    pooled = pooled_over_seeds(results)
+    assert list(pooled) == ["config", "a", "b"]
+    assert pooled["config"]["score"] == 0.125 and pooled["config"]["items"]["1"] == 0.5
+    assert pooled["config"]["image_swap"] == 0.1 and pooled["config"]["seeds"] == 2  # a missing swap is skipped
+    assert pooled["a"]["score"] == 0.25 and pooled["a"]["score_range"] == [0.0, 0.5]
+    assert pooled["a"]["image_swap"] == pytest.approx(0.2) and pooled["b"]["seeds"] == 1
+    assert best_candidate(pooled) == "b"  # a's first seed alone would tie b's, its average does not
+    assert versus(pooled, "a")["value"] == pytest.approx(0.125)
+
+
 def test_a_tuning_candidate_is_asked_in_the_prompt_it_trained_on():
     from medcap.demo.tune import CANDIDATES, prompt_overrides
 

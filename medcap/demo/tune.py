@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from medcap.demo.image_reading import BlindAnswerer, image_reading, item_score
 from medcap.demo.pipeline import (
@@ -57,6 +58,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "patch_mlp": {"connector": "patch_mlp", "num_image_tokens": 16},
     # one token per patch, each scaled by the question (FiLM); starts as patch_mlp
     "patch_film": {"connector": "patch_film", "num_image_tokens": 16},
+    # the config before patch tokens (until 2026-12-07): the pooled vector scaled by the question
+    "question_film": {"connector": "question_film", "num_image_tokens": 8},
 }
 
 
@@ -144,6 +147,36 @@ def evaluate_candidate(
     return score_validation(rows, blind)
 
 
+def run_name(name: str, seed: int | None) -> str:
+    """A candidate trained from another seed than the config's is recorded as its own run."""
+    return name if seed is None else f"{name}@seed{seed}"
+
+
+def pooled_over_seeds(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each candidate's runs (one per seed) as one: scores and per-question scores averaged, so
+    that candidates are still compared paired on the same questions. One seed's training noise
+    is as large as the differences between candidates (docs/demo.md), so more seeds are how a
+    choice becomes believable."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run, r in results.items():
+        groups.setdefault(run.split("@")[0], []).append(r)
+    out = {}
+    for name, runs in groups.items():
+        shared = set.intersection(*(set(r["items"]) for r in runs))
+        swaps = [r["image_swap"] for r in runs if r["image_swap"] is not None]
+        scores = [r["score"] for r in runs]
+        out[name] = {
+            **runs[0],
+            "score": float(np.mean(scores)),
+            "closed": float(np.mean([r["closed"] for r in runs])),
+            "image_swap": float(np.mean(swaps)) if swaps else None,
+            "items": {k: float(np.mean([r["items"][k] for r in runs])) for k in sorted(shared)},
+            "seeds": len(runs),
+            "score_range": [min(scores), max(scores)],
+        }
+    return out
+
+
 def best_candidate(results: dict[str, dict[str, Any]]) -> str:
     order = list(results)
     return max(order, key=lambda n: (results[n]["score"], results[n]["image_swap"] or 0.0, -order.index(n)))
@@ -153,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="the demo's output folder")
     parser.add_argument("--only", nargs="*", choices=sorted(CANDIDATES), help="these candidates only")
+    parser.add_argument("--seeds", nargs="*", type=int, default=None,
+                        help="train each candidate from these seeds and compare the averages (default: the "
+                             "config's seed only); a run from the config's own seed is shared")  # fmt: skip
     parser.add_argument("--config_checkpoint", type=Path, default=None,
                         help="score the 'config' candidate from this checkpoint (the last `make demo`'s, "
                              "trained with the config as it stands) instead of training it again")  # fmt: skip
@@ -166,31 +202,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_root = validation_root(paths, work / "validation_slake")
     blind = BlindAnswerer.from_slake(paths.slake)
     fingerprint = configs_fingerprint()
-    for name in args.only or list(CANDIDATES):
-        if reusable(results.get(name, {}), CANDIDATES[name], fingerprint):
-            print(f"{name}: already scored (reused)")
+    config_seed = int(OmegaConf.load(resolve_config(TRAIN_CONFIG)).seed)
+    seeds = [None if s == config_seed else s for s in dict.fromkeys(args.seeds or [config_seed])]
+    for name, seed in ((n, s) for n in args.only or list(CANDIDATES) for s in seeds):
+        run = run_name(name, seed)
+        overrides = CANDIDATES[name] if seed is None else {**CANDIDATES[name], "seed": seed}
+        if reusable(results.get(run, {}), overrides, fingerprint):
+            print(f"{run}: already scored (reused)")
             continue
-        if name == "config" and args.config_checkpoint:
+        if run == "config" and args.config_checkpoint:
             checkpoint = args.config_checkpoint.resolve()
         else:
-            checkpoint = train_candidate(paths, work / name / "train", name, CANDIDATES[name])
-        results[name] = {"overrides": CANDIDATES[name], "configs": fingerprint,
-                         **evaluate_candidate(paths, work / name / "eval_val", checkpoint, val_root, blind,
-                                              CANDIDATES[name])}  # fmt: skip
+            checkpoint = train_candidate(paths, work / run / "train", run, overrides)
+        results[run] = {"overrides": overrides, "configs": fingerprint,
+                        **evaluate_candidate(paths, work / run / "eval_val", checkpoint, val_root, blind,
+                                             overrides)}  # fmt: skip
         record.write_text(json.dumps(results, indent=1))  # after each candidate: a rerun resumes
     stale = [n for n, r in results.items() if r.get("configs") != fingerprint or "items" not in r]
     if stale:
         print(f"not compared (measured under other configs; rerun with --only to measure): {', '.join(stale)}")
-    results = {n: r for n, r in results.items() if n not in stale}
+    results = pooled_over_seeds({n: r for n, r in results.items() if n not in stale})
     best = best_candidate(results)
     print(f"\n{'candidate':<20} {'score':>6} {'minus config [95%]':>24} {'closed':>7} {'blind':>6} {'swap':>6}"
-          f"  n={next(iter(results.values()))['n']}")  # fmt: skip
+          f" {'seeds (score range)':>20}  n={next(iter(results.values()))['n']}")  # fmt: skip
     for name, r in results.items():
         swap = f"{r['image_swap']:.3f}" if r["image_swap"] is not None else "n/a"
         d = versus(results, name)
         diff = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else ""
+        low, high = r["score_range"]
+        seeds = f"{r['seeds']} ({low:.3f}-{high:.3f})" if r["seeds"] > 1 else "1"
         print(f"{name:<20} {r['score']:6.3f} {diff:>24} {r['closed']:7.3f} {r['blind_closed']:6.3f} {swap:>6}"
-              + ("  <- best" if name == best else ""))  # fmt: skip
+              f" {seeds:>20}" + ("  <- best" if name == best else ""))  # fmt: skip
     return {"best": best, "results": results}
 
 
