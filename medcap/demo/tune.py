@@ -5,6 +5,10 @@ questions, as the demo's report scores them; ties: the image-swap score, then th
 
     python -m medcap.demo.tune --output_dir demo_output            # every candidate
     python -m medcap.demo.tune --output_dir demo_output --only lr_3e-3
+    python -m medcap.demo.tune --output_dir demo_output --only config patch_film --seeds 1 2
+
+With ``--seeds`` each candidate trains once per seed and candidates are compared by their
+averages: one training's noise is as large as the differences measured so far (docs/demo.md).
 
 Needs the demo's data and converted LLM (run ``make demo`` once). Each candidate costs one
 demo training (10 to 15 minutes on 2 cores); results go to OUTPUT_DIR/tune/tune.json and a
