@@ -224,10 +224,10 @@ def test_export_round_trip_through_open_clip(vision, tmp_path, tiny_decoder):
     assert f"CenterCrop(size=({size}, {size}))" in repr(preprocess)
 
 
-@pytest.mark.parametrize("connector", ["question_mlp", "question_film", "patch_film"])
+@pytest.mark.parametrize("connector", ["question_mlp", "question_film", "patch_film", "patch_question"])
 def test_question_connector_round_trip_is_read_from_the_file(connector, tmp_path, tiny_decoder, tiny_spec):
     torch.manual_seed(0)
-    tokens = 16 if connector == "patch_film" else 3  # one per patch of vit_tiny's 4 x 4
+    tokens = {"patch_film": 16, "patch_question": 17}.get(connector, 3)  # one per patch of vit_tiny's 4 x 4 (+1)
     model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector=connector,
                                num_image_tokens=tokens)  # fmt: skip
     with torch.no_grad():

@@ -303,3 +303,31 @@ def test_patch_film_in_the_model_sees_the_question_never_the_answer(tiny_decoder
     assert not torch.equal(image_tokens(changed_question), image_tokens(tokens))
     logits, targets = model(tokens, images=images, labels=labels)
     assert logits.shape[0] == targets.shape[0] == 5
+
+
+def test_patch_question_keeps_the_patches_and_adds_one_question_token(tiny_decoder):
+    """The patch tokens are patch_mlp's whatever the question; one more token, the mean patch's
+    at zero film, changes with the question once the film has weight; its count is checked."""
+    from medcap.models.connectors import PatchMLP, PatchQuestion, build_connector
+    from medcap.models.vision import VisionFeatures
+
+    torch.manual_seed(0)
+    extra, plain = PatchQuestion(6, 8, 4), PatchMLP(6, 8, 4)
+    plain.load_state_dict({k: v for k, v in extra.state_dict().items() if not k.startswith("film.")})
+    patches = torch.randn(2, 4, 6)
+    features = VisionFeatures(pooled=patches.mean(1), patches=patches)
+    q = torch.randn(2, 8)
+    out = extra(features, q)
+    assert out.shape == (2, 5, 8) and extra.num_tokens == 5
+    assert torch.allclose(out[:, :4], plain(features), atol=1e-6)
+    mean_patch = VisionFeatures(pooled=patches.mean(1), patches=patches.mean(1, keepdim=True))
+    assert torch.allclose(out[:, 4:], plain(mean_patch), atol=1e-6)
+    torch.nn.init.normal_(extra.film.weight)
+    other = torch.stack([q[0], torch.randn(8)])
+    before, after = extra(features, q), extra(features, other)
+    assert torch.allclose(after[:, :4], plain(features), atol=1e-6)  # the patches never change
+    assert torch.equal(before[0], after[0]) and not torch.allclose(before[1, 4], after[1, 4])
+    with pytest.raises(ValueError, match=r"one token per patch \(16\) and 1 more \(17\)"):
+        build_connector("patch_question", pooled_dim=6, patch_dim=6, num_patches=16, llm_dim=8, num_image_tokens=16)
+    model = build_medcap_model(tiny_decoder, image_token_id=IMAGE_ID, vision="vit_tiny", connector="patch_question")
+    assert model.num_image_tokens == 17

@@ -204,7 +204,7 @@ def test_demo_probe_reads_what_the_connector_reads(trained, tmp_path):
 
     state = torch.load(trained, weights_only=True)
     assert connector_features(trained) == "pooled"  # cls_mlp
-    for connector in ("patch_mlp", "patch_film"):
+    for connector in ("patch_mlp", "patch_film", "patch_question"):
         state["medcap"]["connector"] = connector
         torch.save(state, tmp_path / f"{connector}.pt")
         assert connector_features(tmp_path / f"{connector}.pt") == "patches"

@@ -62,6 +62,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "patch_mlp": {"connector": "patch_mlp", "num_image_tokens": 16},
     # one token per patch, each scaled by the question (FiLM); starts as patch_mlp
     "patch_film": {"connector": "patch_film", "num_image_tokens": 16},
+    # patch_mlp's 16 tokens unchanged plus one question-conditioned token (the mean patch, FiLM)
+    "patch_question": {"connector": "patch_question", "num_image_tokens": 17},
     # the config before patch tokens (until 2026-12-07): the pooled vector scaled by the question
     "question_film": {"connector": "question_film", "num_image_tokens": 8},
 }

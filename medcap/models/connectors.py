@@ -1,8 +1,8 @@
 """Connectors: encoder features -> a fixed number of LLM-width image tokens.
 
 All are ``nn.Sequential(Linear, GELU, Linear)`` so their state dicts carry the original medcap
-``projector`` key names (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``); ``question_film``
-and ``patch_film`` add ``film.weight`` and ``film.bias``.
+``projector`` key names (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``); ``question_film``,
+``patch_film`` and ``patch_question`` add ``film.weight`` and ``film.bias``.
 """
 
 from __future__ import annotations
@@ -115,7 +115,30 @@ class PatchFiLM(PatchMLP):
         return self[2](hidden)
 
 
-CONNECTORS = {cls.kind: cls for cls in (ClsMLP, PatchMLP, QuestionMLP, QuestionFiLM, PatchFiLM)}
+class PatchQuestion(PatchFiLM):
+    """``patch_mlp``'s tokens unchanged, plus one token for the question: the mean patch through
+    the same MLP with its hidden features scaled by the question (``question_film`` on the mean
+    patch). The patches stay as they are (``patch_film``, which scales them, lost the image in the
+    demo); the extra token can carry what the question asks of them. Zero film: the extra token
+    is the mean patch's, whatever the question."""
+
+    kind = "patch_question"
+    extra_tokens = 1
+
+    def __init__(self, in_dim: int, llm_dim: int, num_patches: int):
+        super().__init__(in_dim, llm_dim, num_patches)
+        self.num_tokens = num_patches + self.extra_tokens
+
+    def forward(self, features: VisionFeatures, question: torch.Tensor) -> torch.Tensor:
+        patches = features.patches
+        q = F.layer_norm(question.to(patches.dtype), (question.shape[-1],))
+        hidden = self[1](self[0](torch.cat([patches, patches.mean(dim=1, keepdim=True)], dim=1)))
+        scale = torch.ones_like(hidden)
+        scale[:, -1] = 1 + self.film(q)
+        return self[2](hidden * scale)
+
+
+CONNECTORS = {cls.kind: cls for cls in (ClsMLP, PatchMLP, QuestionMLP, QuestionFiLM, PatchFiLM, PatchQuestion)}
 PER_PATCH = tuple(kind for kind, cls in CONNECTORS.items() if issubclass(cls, PatchMLP))
 
 
@@ -127,15 +150,17 @@ def build_connector(
     num_patches: int,
     llm_dim: int,
     num_image_tokens: int | None = None,
-) -> ClsMLP | PatchMLP | QuestionMLP | QuestionFiLM | PatchFiLM:
+) -> ClsMLP | PatchMLP | QuestionMLP | QuestionFiLM | PatchFiLM | PatchQuestion:
     if name not in CONNECTORS:
         raise ValueError(f"unknown connector {name!r}; choose one of {tuple(CONNECTORS)}")
     if name not in PER_PATCH:  # one pooled vector -> N tokens
         return CONNECTORS[name](pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
-    if num_image_tokens not in (None, num_patches):
+    extra = getattr(CONNECTORS[name], "extra_tokens", 0)
+    if num_image_tokens not in (None, num_patches + extra):
         raise ValueError(
-            f"connector={name} gives one token per patch ({num_patches}); "
-            f"num_image_tokens={num_image_tokens} cannot be honoured"
+            f"connector={name} gives one token per patch ({num_patches})"
+            + (f" and {extra} more ({num_patches + extra})" if extra else "")
+            + f"; num_image_tokens={num_image_tokens} cannot be honoured"
         )
     return CONNECTORS[name](patch_dim, llm_dim, num_patches)
 
