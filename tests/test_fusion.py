@@ -256,18 +256,25 @@ def test_question_film_starts_as_cls_mlp_and_learns_from_the_product(tiny_decode
     assert torch.allclose(film[0].weight.grad, torch.zeros_like(film[0].weight.grad), atol=1e-6)
 
 
-def test_patch_film_starts_as_patch_mlp_and_the_question_scales_every_patch(tiny_decoder):
-    """At zero film each patch token is patch_mlp's, whatever the question; once the film has
-    weight the question changes every patch's token, one image's question never another's."""
-    from medcap.models.connectors import PatchFiLM, PatchMLP
+def _with_plain_twin(cls):
+    """A question patch connector (in 6, width 8, 4 patches), patch_mlp with the same weights,
+    features of 2 images and 2 questions."""
+    from medcap.models.connectors import PatchMLP
     from medcap.models.vision import VisionFeatures
 
     torch.manual_seed(0)
-    film, plain = PatchFiLM(6, 8, 4), PatchMLP(6, 8, 4)
-    plain.load_state_dict({k: v for k, v in film.state_dict().items() if not k.startswith("film.")})
+    connector, plain = cls(6, 8, 4), PatchMLP(6, 8, 4)
+    plain.load_state_dict({k: v for k, v in connector.state_dict().items() if not k.startswith("film.")})
     patches = torch.randn(2, 4, 6)
-    features = VisionFeatures(pooled=patches.mean(1), patches=patches)
-    questions = torch.randn(2, 8)
+    return connector, plain, VisionFeatures(pooled=patches.mean(1), patches=patches), torch.randn(2, 8)
+
+
+def test_patch_film_starts_as_patch_mlp_and_the_question_scales_every_patch(tiny_decoder):
+    """At zero film each patch token is patch_mlp's, whatever the question; once the film has
+    weight the question changes every patch's token, one image's question never another's."""
+    from medcap.models.connectors import PatchFiLM
+
+    film, plain, features, questions = _with_plain_twin(PatchFiLM)
     assert film(features, questions).shape == (2, 4, 8)
     assert torch.equal(film(features, questions), plain(features))
     torch.nn.init.normal_(film.film.weight)
@@ -308,15 +315,11 @@ def test_patch_film_in_the_model_sees_the_question_never_the_answer(tiny_decoder
 def test_patch_question_keeps_the_patches_and_adds_one_question_token(tiny_decoder):
     """The patch tokens are patch_mlp's whatever the question; one more token, the mean patch's
     at zero film, changes with the question once the film has weight; its count is checked."""
-    from medcap.models.connectors import PatchMLP, PatchQuestion, build_connector
+    from medcap.models.connectors import PatchQuestion, build_connector
     from medcap.models.vision import VisionFeatures
 
-    torch.manual_seed(0)
-    extra, plain = PatchQuestion(6, 8, 4), PatchMLP(6, 8, 4)
-    plain.load_state_dict({k: v for k, v in extra.state_dict().items() if not k.startswith("film.")})
-    patches = torch.randn(2, 4, 6)
-    features = VisionFeatures(pooled=patches.mean(1), patches=patches)
-    q = torch.randn(2, 8)
+    extra, plain, features, q = _with_plain_twin(PatchQuestion)
+    patches = features.patches
     out = extra(features, q)
     assert out.shape == (2, 5, 8) and extra.num_tokens == 5
     assert torch.allclose(out[:, :4], plain(features), atol=1e-6)
