@@ -70,6 +70,19 @@ class QuestionMLP(ClsMLP):
         return self.tokens(torch.cat([features.pooled, question.to(features.pooled.dtype)], dim=-1))
 
 
+def zero_film(llm_dim: int) -> nn.Linear:
+    """The question's FiLM layer, at zero: a FiLM connector starts as its question-blind twin."""
+    film = nn.Linear(llm_dim, llm_dim)
+    nn.init.zeros_(film.weight)
+    nn.init.zeros_(film.bias)
+    return film
+
+
+def film_scale(film: nn.Linear, question: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``1 + Wq LayerNorm(question)``: [M, llm_dim] per-feature factors for the hidden features."""
+    return 1 + film(F.layer_norm(question.to(dtype), (question.shape[-1],)))
+
+
 class QuestionFiLM(ClsMLP):
     """``cls_mlp`` whose hidden features are scaled per feature by the question (FiLM, Perez et
     al. 2018): ``h = GELU(W0 pooled) * (1 + Wq LayerNorm(question))``. A product, not a
@@ -83,13 +96,10 @@ class QuestionFiLM(ClsMLP):
 
     def __init__(self, in_dim: int, llm_dim: int, num_tokens: int = DEFAULT_NUM_IMAGE_TOKENS):
         super().__init__(in_dim, llm_dim, num_tokens)
-        self.film = nn.Linear(llm_dim, llm_dim)
-        nn.init.zeros_(self.film.weight)
-        nn.init.zeros_(self.film.bias)
+        self.film = zero_film(llm_dim)
 
     def forward(self, features: VisionFeatures, question: torch.Tensor) -> torch.Tensor:
-        q = F.layer_norm(question.to(features.pooled.dtype), (question.shape[-1],))
-        return self.tokens(features.pooled, scale=1 + self.film(q))
+        return self.tokens(features.pooled, scale=film_scale(self.film, question, features.pooled.dtype))
 
 
 class PatchFiLM(PatchMLP):
@@ -104,14 +114,11 @@ class PatchFiLM(PatchMLP):
 
     def __init__(self, in_dim: int, llm_dim: int, num_patches: int):
         super().__init__(in_dim, llm_dim, num_patches)
-        self.film = nn.Linear(llm_dim, llm_dim)
-        nn.init.zeros_(self.film.weight)
-        nn.init.zeros_(self.film.bias)
+        self.film = zero_film(llm_dim)
 
     def forward(self, features: VisionFeatures, question: torch.Tensor) -> torch.Tensor:
         patches = features.patches
-        q = F.layer_norm(question.to(patches.dtype), (question.shape[-1],))
-        hidden = self[1](self[0](patches)) * (1 + self.film(q)).unsqueeze(1)
+        hidden = self[1](self[0](patches)) * film_scale(self.film, question, patches.dtype).unsqueeze(1)
         return self[2](hidden)
 
 
@@ -131,10 +138,9 @@ class PatchQuestion(PatchFiLM):
 
     def forward(self, features: VisionFeatures, question: torch.Tensor) -> torch.Tensor:
         patches = features.patches
-        q = F.layer_norm(question.to(patches.dtype), (question.shape[-1],))
         hidden = self[1](self[0](torch.cat([patches, patches.mean(dim=1, keepdim=True)], dim=1)))
         scale = torch.ones_like(hidden)
-        scale[:, -1] = 1 + self.film(q)
+        scale[:, -1] = film_scale(self.film, question, patches.dtype)
         return self[2](hidden * scale)
 
 

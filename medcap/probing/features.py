@@ -24,7 +24,7 @@ from medcap.probing.labels import LabelledImage
 from medcap.settings import parse_dtype
 
 # pooled: the tower's image embedding (what cls_mlp and the question connectors read); patches:
-# the final-layer patch tokens flattened in order (what patch_mlp and patch_film read: position kept)
+# the final-layer patch tokens flattened in order (what the per-patch connectors read: position kept)
 FEATURE_KINDS = ("pooled", "patches")
 
 
