@@ -116,6 +116,14 @@ def test_breakdown_sums_to_total_and_names_its_parts(traced):
     assert est.breakdown["optimizer state"] >= 2 * trainable
 
 
+def test_an_unset_token_count_is_each_connector_s_own_default():
+    """num_image_tokens=null: 32 for the pooled connectors, one per patch for the per-patch ones
+    (the estimate once asked patch_mlp for 32 and failed)."""
+    for connector, expected in (("cls_mlp", 32), ("patch_mlp", 16), ("patch_question", 17)):
+        settings = settings_for(train_cfg(f"connector={connector}", "num_image_tokens=null"))
+        assert model_on_meta(settings, settings.torch_dtype).num_image_tokens == expected, connector
+
+
 def test_fits_decisions_against_a_budget(traced):
     est, measured = traced
     cfg = train_cfg()

@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torchtune import config, modules, training
 from torchtune.training import set_default_dtype
 
-from medcap.models.connectors import DEFAULT_NUM_IMAGE_TOKENS, build_connector
+from medcap.models.connectors import build_connector
 from medcap.models.fusion import MedcapModel, set_trainable
 from medcap.models.vision import build_vision_encoder
 from medcap.settings import ModelSettings
@@ -32,7 +32,8 @@ def model_on_meta(
 ) -> MedcapModel:
     """The LLM ``settings.model`` builds and the vision side the settings name (architecture
     from the encoder's config; connector kind and image-token count from the settings, the
-    original's ``cls_mlp`` and 32 where they are null)."""
+    original's ``cls_mlp`` where null, and the connector's own token count where null: 32, or
+    one per patch)."""
     decoder = llm_on_meta(settings.model, llm_dtype)
     with torch.device("meta"):
         visual = build_vision_encoder(settings.vision, settings.vision_path, weights=False)
@@ -42,7 +43,7 @@ def model_on_meta(
             patch_dim=visual.patch_dim,
             num_patches=visual.num_patches,
             llm_dim=decoder.tok_embeddings.embedding_dim,
-            num_image_tokens=settings.num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS,
+            num_image_tokens=settings.num_image_tokens,
         )
     model = MedcapModel(decoder, visual, projector, image_token_id=decoder.tok_embeddings.num_embeddings)
     set_trainable(model, settings.freeze_vision_encoder)

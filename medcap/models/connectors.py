@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medcap.errors import ConfigError
 from medcap.models.vision import VisionFeatures
 
 DEFAULT_NUM_IMAGE_TOKENS = 32
@@ -24,7 +25,7 @@ class ClsMLP(nn.Sequential):
 
     def __init__(self, in_dim: int, llm_dim: int, num_tokens: int = DEFAULT_NUM_IMAGE_TOKENS):
         if num_tokens < 1:
-            raise ValueError(f"num_image_tokens must be >= 1, got {num_tokens}")
+            raise ConfigError(f"num_image_tokens must be >= 1, got {num_tokens}")
         super().__init__(nn.Linear(in_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim * num_tokens))
         self.num_tokens = num_tokens
         self.llm_dim = llm_dim
@@ -158,12 +159,12 @@ def build_connector(
     num_image_tokens: int | None = None,
 ) -> ClsMLP | PatchMLP | QuestionMLP | QuestionFiLM | PatchFiLM | PatchQuestion:
     if name not in CONNECTORS:
-        raise ValueError(f"unknown connector {name!r}; choose one of {tuple(CONNECTORS)}")
+        raise ConfigError(f"unknown connector {name!r}; choose one of {tuple(CONNECTORS)}")
     if name not in PER_PATCH:  # one pooled vector -> N tokens
-        return CONNECTORS[name](pooled_dim, llm_dim, num_image_tokens or DEFAULT_NUM_IMAGE_TOKENS)
+        return CONNECTORS[name](pooled_dim, llm_dim, DEFAULT_NUM_IMAGE_TOKENS if num_image_tokens is None else num_image_tokens)
     extra = getattr(CONNECTORS[name], "extra_tokens", 0)
     if num_image_tokens not in (None, num_patches + extra):
-        raise ValueError(
+        raise ConfigError(
             f"connector={name} gives one token per patch ({num_patches})"
             + (f" and {extra} more ({num_patches + extra})" if extra else "")
             + f"; num_image_tokens={num_image_tokens} cannot be honoured"

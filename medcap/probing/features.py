@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from medcap.data.images import ImageLoadError, load_image, split_selector
+from medcap.errors import ConfigError
 from medcap.io import atomic_write
 from medcap.probing.encoders import EncoderSpec, encoder_key, file_digest, load_encoder
 from medcap.probing.labels import LabelledImage
@@ -30,7 +31,7 @@ FEATURE_KINDS = ("pooled", "patches")
 
 def check_feature_kind(features: str) -> str:
     if features not in FEATURE_KINDS:
-        raise ValueError(f"features={features!r}: expected one of {FEATURE_KINDS}")
+        raise ConfigError(f"features={features!r}: expected one of {FEATURE_KINDS}")
     return features
 
 
