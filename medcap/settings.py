@@ -224,6 +224,9 @@ class TrainSettings(ModelSettings):
     resume_from_checkpoint: bool = False
     compile: bool = False
     enable_activation_checkpointing: bool = False  # recompute the frozen LLM's layers in backward
+    # the leading tokens every row of a batch shares (the system prompt) run once per batch, not once per row:
+    # the same loss and gradients (medcap.models.shared_prefix); one process, without compile or checkpointing
+    share_prompt_prefix: bool = True
     preflight: bool = True  # on CUDA: refuse before loading when the estimate does not fit (medcap.estimate)
     image_augment: Component = None  # open_clip's AugmentationCfg fields
     verify_frozen_llm: bool = False

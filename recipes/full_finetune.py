@@ -142,6 +142,8 @@ class VisionFinetuneRecipe:
         if s.compile:
             for layer in model.decoder.layers:
                 layer.compile()
+        # FSDP2 and compiled layers are left to the plain pass (the shared one is untested there)
+        model.share_prefix = s.share_prompt_prefix and not self.distributed and not s.compile
         self.model = self._place(model)
         # opt-in (hashing an 8B LLM takes a while): proves at the end that the frozen LLM is untouched
         self.frozen_before = frozen_fingerprint(self.model) if s.verify_frozen_llm else None

@@ -256,6 +256,10 @@ def test_recipe_changes_only_the_vision_side(workspace, tmp_path):
     )
     recipe = VisionFinetuneRecipe(cfg)
     recipe.setup()
+    # one process: the rows' common start (begin-of-text and the user header) runs once per batch
+    first = next(iter(recipe.loader))
+    labels = torch.cat([first["labels"][:, 1:], torch.full_like(first["labels"][:, :1], -100)], dim=1)
+    assert recipe.model.shared_columns(first["tokens"], labels, None, None) >= 4
     llm_before = {k: v.clone() for k, v in recipe.model.decoder.state_dict().items()}
     emb_before = recipe.model.tok_embeddings.weight.clone()
     trainable_before = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}

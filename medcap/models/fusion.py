@@ -22,6 +22,12 @@ from medcap.models import checkpoints
 from medcap.models.connectors import build_connector
 from medcap.models.embeddings_only import TokenEmbeddingsOnly
 from medcap.models.lora import LORA_KEY, LoraSpec, apply_lora, enable_lora_training, load_lora_state
+from medcap.models.shared_prefix import (
+    MIN_SHARED,
+    can_share,
+    run_layers_with_shared_prefix,
+    shared_prefix_length,
+)
 from medcap.models.vision import VisionEncoder, build_vision_encoder
 
 
@@ -64,6 +70,8 @@ class MedcapModel(nn.Module):
         self.image_token_id = int(image_token_id)
         # the tokenizer's end-of-turn ids: a question connector's question ends at the user's turn end
         self.turn_end_ids = tuple(int(t) for t in turn_end_ids)
+        # training: the columns every row begins with (the system prompt) run once (medcap.models.shared_prefix)
+        self.share_prefix = False
 
     @property
     def num_image_tokens(self) -> int:
@@ -167,10 +175,26 @@ class MedcapModel(nn.Module):
         h = self.embed(tokens, images, labels)
         if labels is None:
             return self.decoder(h, mask=mask, input_pos=input_pos)
-        for layer in self.decoder.layers:  # TransformerDecoder.forward, minus the head
-            h = layer(h, mask=mask, input_pos=input_pos)
+        shared = self.shared_columns(tokens, labels, mask, input_pos)
+        if shared:
+            h = run_layers_with_shared_prefix(self.decoder.layers, h, shared)
+            labels = labels[:, shared:]
+        else:
+            for layer in self.decoder.layers:  # TransformerDecoder.forward, minus the head
+                h = layer(h, mask=mask, input_pos=input_pos)
         h, targets = self.labelled(self.decoder.norm(h), labels)
         return self.decoder.output(h).float(), targets
+
+    def shared_columns(
+        self, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None
+    ) -> int:
+        """How many leading columns the training pass runs once for all rows (0: none)."""
+        if not self.share_prefix or mask is not None or input_pos is not None or tokens.shape[0] < 2:
+            return 0
+        if self.caches_are_enabled() or not can_share(self.decoder.layers):
+            return 0
+        shared = shared_prefix_length(tokens, labels, self.image_token_id)
+        return shared if MIN_SHARED <= shared < tokens.shape[1] else 0
 
     def labelled(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [K, D] and targets [K] where a label is (their count depends on the
