@@ -190,17 +190,19 @@ def test_a_tuning_result_is_reused_only_under_the_same_configs():
     assert not reusable({"overrides": {"epochs": 3}}, {"epochs": 3}, fingerprint)  # recorded before fingerprints
 
 
-def test_tuning_answers_the_validation_split_as_a_test_split(tmp_path):
+def test_tuning_answers_the_validation_or_training_split_as_a_test_split(tmp_path):
     from medcap.demo.pipeline import DemoPaths
-    from medcap.demo.tune import validation_root
+    from medcap.demo.tune import split_root
 
     paths = DemoPaths(tmp_path / "demo")
     (paths.slake / "imgs").mkdir(parents=True)
+    (paths.slake / "train.json").write_text(json.dumps([{"qid": 0}]))
     (paths.slake / "validate.json").write_text(json.dumps([{"qid": 1}]))
     (paths.slake / "test.json").write_text(json.dumps([{"qid": 2}]))
-    root = validation_root(paths, tmp_path / "val")
+    root = split_root(paths, tmp_path / "val")
     assert json.loads((root / "test.json").read_text()) == [{"qid": 1}]
     assert (root / "imgs").resolve() == (paths.slake / "imgs").resolve()
+    assert json.loads((split_root(paths, tmp_path / "fit", "train") / "test.json").read_text()) == [{"qid": 0}]
 
 
 def test_the_demo_configs_train_and_evaluate_the_same_model():

@@ -6,6 +6,8 @@ questions, as the demo's report scores them; ties: the image-swap score, then th
     python -m medcap.demo.tune --output_dir demo_output            # every candidate
     python -m medcap.demo.tune --output_dir demo_output --only lr_3e-3
     python -m medcap.demo.tune --output_dir demo_output --only config patch_film --seeds 1 2
+    python -m medcap.demo.tune --output_dir demo_output --only config --split train \
+        --config_checkpoint demo_output/trained/checkpoint/meta_model_2.pt   # does it fit its training images?
 
 With ``--seeds`` each candidate trains once per seed and candidates are compared by their
 averages: one training's noise is as large as the differences measured so far (docs/demo.md).
@@ -81,13 +83,17 @@ def reusable(done: dict[str, Any], overrides: dict[str, Any], fingerprint: str) 
     return done.get("overrides") == overrides and done.get("configs") == fingerprint
 
 
-def validation_root(paths: DemoPaths, root: Path) -> Path:
-    """A SLAKE root whose ``test.json`` is the validation split (``medcap run generate
-    test_slake=True`` answers a root's test split)."""
+SPLIT_FILES = {"validation": "validate.json", "train": "train.json"}
+
+
+def split_root(paths: DemoPaths, root: Path, split: str = "validation") -> Path:
+    """A SLAKE root whose ``test.json`` is another split (``medcap run generate test_slake=True``
+    answers a root's test split): validation for choosing, train to see whether a model fits
+    the images it trained on."""
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "imgs").exists():
         os.symlink(paths.slake / "imgs", root / "imgs", target_is_directory=True)
-    shutil.copyfile(paths.slake / "validate.json", root / "test.json")
+    shutil.copyfile(paths.slake / SPLIT_FILES[split], root / "test.json")
     return root
 
 
@@ -142,13 +148,14 @@ def prompt_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_candidate(
-    paths: DemoPaths, out: Path, checkpoint: Path, val_root: Path, blind: BlindAnswerer, overrides: dict[str, Any]
+    paths: DemoPaths, out: Path, checkpoint: Path, val_root: Path, blind: BlindAnswerer, overrides: dict[str, Any],
+    split: str = "validation",
 ) -> dict:
     if out.exists():
         shutil.rmtree(out)
     args = {**model_overrides(paths), "output_dir": out, "vision_checkpoint": checkpoint, "test_slake": True,
             "dataset_source": val_root, **prompt_overrides(overrides)}  # fmt: skip
-    run_command(medcap_run("generate", EVAL_CONFIG, args), "answer the validation questions")
+    run_command(medcap_run("generate", EVAL_CONFIG, args), f"answer the {split} questions")
     rows = list(EvalOutputs.for_checkpoint(out, checkpoint).rows("slake").values())
     return score_validation(rows, blind)
 
@@ -198,14 +205,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config_checkpoint", type=Path, default=None,
                         help="score the 'config' candidate from this checkpoint (the last `make demo`'s, "
                              "trained with the config as it stands) instead of training it again")  # fmt: skip
+    parser.add_argument("--split", choices=sorted(SPLIT_FILES), default="validation",
+                        help="the questions candidates answer: validation (for choosing) or train (does a model "
+                             "fit the images it trained on? never for choosing); train goes to tune_train.json")  # fmt: skip
     args = parser.parse_args(argv)
     paths = DemoPaths(args.output_dir.resolve())
     if not (paths.slake / "validate.json").is_file() or not paths.llm.is_dir():
         raise DemoError(f"{paths.root}: no mini SLAKE or converted LLM; run `make demo` first")
     work = paths.root / "tune"
-    record = work / "tune.json"
+    record = work / ("tune.json" if args.split == "validation" else f"tune_{args.split}.json")
     results: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
-    val_root = validation_root(paths, work / "validation_slake")
+    val_root = split_root(paths, work / f"{args.split}_slake", args.split)
+    evals = "eval_val" if args.split == "validation" else f"eval_{args.split}"
     blind = BlindAnswerer.from_slake(paths.slake)
     fingerprint = configs_fingerprint()
     config_seed = int(OmegaConf.load(resolve_config(TRAIN_CONFIG)).seed)
@@ -221,14 +232,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             checkpoint = train_candidate(paths, work / run / "train", run, overrides)
         results[run] = {"overrides": overrides, "configs": fingerprint,
-                        **evaluate_candidate(paths, work / run / "eval_val", checkpoint, val_root, blind,
-                                             overrides)}  # fmt: skip
+                        **evaluate_candidate(paths, work / run / evals, checkpoint, val_root, blind,
+                                             overrides, args.split)}  # fmt: skip
         record.write_text(json.dumps(results, indent=1))  # after each candidate: a rerun resumes
     stale = [n for n, r in results.items() if r.get("configs") != fingerprint or "items" not in r]
     if stale:
         print(f"not compared (measured under other configs; rerun with --only to measure): {', '.join(stale)}")
     results = pooled_over_seeds({n: r for n, r in results.items() if n not in stale})
-    best = best_candidate(results)
+    best = best_candidate(results) if args.split == "validation" else None  # training questions choose nothing
     print(f"\n{'candidate':<20} {'score':>6} {'minus config [95%]':>24} {'closed':>7} {'blind':>6} {'swap':>6}"
           f" {'seeds (score range)':>20}  n={next(iter(results.values()))['n']}")  # fmt: skip
     for name, r in results.items():
@@ -239,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seeds = f"{r['seeds']} ({low:.3f}-{high:.3f})" if r["seeds"] > 1 else "1"
         print(f"{name:<20} {r['score']:6.3f} {diff:>24} {r['closed']:7.3f} {r['blind_closed']:6.3f} {swap:>6}"
               f" {seeds:>20}" + ("  <- best" if name == best else ""))  # fmt: skip
+        if args.split != "validation":  # where a model fails to fit is the point of asking it its training questions
+            print("    " + "; ".join(f"{c} " + ", ".join(f"{t} {v:.3f}" for t, v in cell.items())
+                                     for c, cell in r["by_content_type"].items()))  # fmt: skip
     return {"best": best, "results": results}
 
 
