@@ -83,6 +83,20 @@ def test_answers_come_from_the_model_and_evaluations_are_fresh(demo_run):
     assert len(baseline) == 7 and len(trained) == 1  # header + 6 rows; the last checkpoint only
 
 
+def test_the_untrained_model_s_answers_are_cut_short(demo_run):
+    import csv
+
+    from medcap.data.chatml import chatml_tokenizer
+    from medcap.demo.pipeline import UNTRAINED_ANSWER_TOKENS
+
+    paths, _ = demo_run
+    tokenizer = chatml_tokenizer(path=str(paths.llm / "tokenizer.json"))
+    with open(paths.eval_dir("baseline") / "test_out_slake_untrained.csv", newline="") as f:
+        answers = [row["generated"] for row in csv.DictReader(f)]
+    lengths = [len(tokenizer.encode(a, add_bos=False, add_eos=False)) for a in answers]
+    assert max(lengths) <= UNTRAINED_ANSWER_TOKENS + 1  # (re-encoding may split a token in two)
+
+
 def test_second_run_reuses_data_and_llm(demo_run, capfd):
     from medcap.demo.pipeline import prepare
 

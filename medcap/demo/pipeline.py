@@ -140,6 +140,12 @@ def prepare(paths: DemoPaths, timings: dict[str, float]) -> None:
     )
 
 
+# The untrained model never ends an answer, so each of its VQA answers would run to the config's
+# 24 tokens (sized for captions); every gold answer is one or two words. Its answers are cut at 8
+# tokens: about a minute less decoding on 2 cores (its scores: docs/demo.md, 2026-12-08).
+UNTRAINED_ANSWER_TOKENS = 8
+
+
 def evaluate(paths: DemoPaths, tag: str, checkpoint: Path | None, limit: int | None,
              question_suffix: str | None = None) -> dict[str, Any]:  # fmt: skip
     """VQA on test.json and captions on SLAKE-text test, as two `medcap run generate` runs;
@@ -151,6 +157,8 @@ def evaluate(paths: DemoPaths, tag: str, checkpoint: Path | None, limit: int | N
     if limit:
         common["limit"] = limit
     vqa = {**common, "test_slake": True, "dataset_source": paths.slake}
+    if checkpoint is None:
+        vqa["max_new_tokens"] = UNTRAINED_ANSWER_TOKENS
     if question_suffix:
         vqa["question_suffix"] = question_suffix.replace("\n", "\\n")  # a command line carries no line break
     seconds = run_command(
