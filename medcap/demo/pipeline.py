@@ -6,7 +6,7 @@ Every step is the command a user runs on real data, printed before it runs: buil
 model (a random vision encoder), train a small ViT + connector with the LLM frozen, evaluate
 again, write ``report.html``, ``summary.png`` and ``summary.json``.
 
-    python -m medcap.demo                       # the full run (about 11 minutes on 2 cores)
+    python -m medcap.demo                       # the full run (15 to 20 minutes on 2 cores)
     python -m medcap.demo --epochs 1 --max_steps_per_epoch 3 --limit 8   # a quick check
 """
 
