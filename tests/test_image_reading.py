@@ -217,3 +217,38 @@ def test_the_demo_configs_train_and_evaluate_the_same_model():
     for key in ("vision", "connector", "num_image_tokens"):
         assert train[key] == evaluate[key], key
     assert trained_encoder() == train.vision
+
+
+def test_the_training_split_asks_the_model_validation_scored_and_never_retrains_it(tmp_path, monkeypatch):
+    from medcap.demo import tune
+    from medcap.demo.pipeline import DemoPaths
+
+    paths = DemoPaths(tmp_path / "demo")
+    (paths.slake / "imgs").mkdir(parents=True)
+    paths.llm.mkdir(parents=True)
+    for name in ("train.json", "validate.json"):
+        (paths.slake / name).write_text("[]")
+    work = paths.root / "tune"
+    trained = work / "lr_3e-3" / "train" / "checkpoint"
+    trained.mkdir(parents=True)
+    for epoch in (1, 2, 10):
+        (trained / f"meta_model_{epoch}.pt").write_bytes(b"")
+    overrides = tune.CANDIDATES["lr_3e-3"]
+    (work / "tune.json").write_text(json.dumps({"lr_3e-3": {"overrides": overrides, "configs": tune.configs_fingerprint()}}))
+    asked = []
+
+    def fake_evaluate(paths, out, checkpoint, root, blind, overrides, split):
+        asked.append((checkpoint, split, json.loads((root / "test.json").read_text())))
+        return {"score": 0.5, "closed": 0.5, "blind_closed": 0.6, "image_swap": 0.1, "n": 1,
+                "by_content_type": {"Plane": {"open": 0.3}}, "items": {"1": 0.5}}  # fmt: skip
+
+    def no_training(*args):
+        raise AssertionError("a model validation already scored must not be trained again")
+
+    monkeypatch.setattr(tune, "evaluate_candidate", fake_evaluate)
+    monkeypatch.setattr(tune, "train_candidate", no_training)
+    monkeypatch.setattr(tune.BlindAnswerer, "from_slake", classmethod(lambda cls, root: cls([])))
+    result = tune.main(["--output_dir", str(paths.root), "--only", "lr_3e-3", "--split", "train"])
+    assert asked == [(trained / "meta_model_10.pt", "train", [])]
+    assert result["best"] is None  # training questions choose nothing
+    assert (work / "tune_train.json").is_file() and "lr_3e-3" in json.loads((work / "tune_train.json").read_text())

@@ -52,6 +52,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "lr_3e-3": {"optimizer.lr": 3e-3},
     "lr_3e-4": {"optimizer.lr": 3e-4},
     "epochs_2": {"epochs": 2},  # the config trains 3 (chosen here over 2; docs/demo.md)
+    # the model does not fit its own training images after 3 (docs/demo.md, 2026-12-08)
+    "epochs_4": {"epochs": 4},
     # SmolLM2's default system prompt is 21 of the ~45 text tokens of a demo question
     "no_system_prompt": {"tokenizer.default_system_prompt": "null"},
     # records drawn balanced by modality, each modality's share ~ sqrt(its count): MRI is ~70% of
@@ -109,10 +111,15 @@ def train_candidate(paths: DemoPaths, out: Path, name: str, overrides: dict[str,
         **overrides,
     }
     run_command(medcap_run("full_finetune_single_device", TRAIN_CONFIG, args), f"train candidate {name}")
-    found = sorted((out / "checkpoint").glob("meta_model_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
-    if not found:
+    found = last_checkpoint(out)
+    if found is None:
         raise DemoError(f"training wrote no checkpoint in {out / 'checkpoint'}")
-    return found[-1]
+    return found
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoint").glob("meta_model_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    return found[-1] if found else None
 
 
 def score_validation(rows: list[dict[str, str]], blind: BlindAnswerer) -> dict[str, Any]:
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = paths.root / "tune"
     record = work / ("tune.json" if args.split == "validation" else f"tune_{args.split}.json")
     results: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
+    validated = json.loads((work / "tune.json").read_text()) if (work / "tune.json").is_file() else {}
     val_root = split_root(paths, work / f"{args.split}_slake", args.split)
     evals = "eval_val" if args.split == "validation" else f"eval_{args.split}"
     blind = BlindAnswerer.from_slake(paths.slake)
@@ -228,8 +236,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if reusable(results.get(run, {}), overrides, fingerprint):
             print(f"{run}: already scored (reused)")
             continue
+        trained = last_checkpoint(work / run / "train")
         if run == "config" and args.config_checkpoint:
             checkpoint = args.config_checkpoint.resolve()
+        elif args.split != "validation" and trained and reusable(validated.get(run, {}), overrides, fingerprint):
+            checkpoint = trained  # the model its validation score came from, asked other questions
         else:
             checkpoint = train_candidate(paths, work / run / "train", run, overrides)
         results[run] = {"overrides": overrides, "configs": fingerprint,

@@ -2,10 +2,11 @@
 
 A training row starts with the same tokens in every row of a batch (the system prompt and the
 user's turn header, up to the first image placeholder: about 24 of the ~62 tokens of a demo
-sample). Those positions depend on nothing that trains (the LLM is frozen and no image comes
-before them), so their keys and values are computed once, for one row, and every row's remaining
-tokens attend to them. The loss and the gradients are those of the full pass (tested against it);
-the work saved is the shared columns' forward and backward in every row but one.
+sample). No image comes before them, so with the LLM frozen they depend on nothing that trains:
+their keys and values are computed once, for one row, and every row's remaining tokens attend to
+them. The loss and the gradients are those of the full pass (tested against it; with LoRA
+adapters in the LLM the shared pass trains too, and its gradient sums over the rows as the full
+pass's does); the work saved is the shared columns' forward and backward in every row but one.
 
 The sharing happens inside torchtune's own attention: each layer's ``MultiHeadAttention`` is
 given, for one forward, an object in the place of its KV cache whose ``update`` returns the shared
