@@ -52,7 +52,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "lr_3e-3": {"optimizer.lr": 3e-3},
     "lr_3e-4": {"optimizer.lr": 3e-4},
     "epochs_2": {"epochs": 2},  # the config trains 3 (chosen here over 2; docs/demo.md)
-    # the model does not fit its own training images after 3 (docs/demo.md, 2026-12-08)
+    # the model does not fit its own training images after 3; measured 2026-12-08 (AVX2): fits them
+    # a little better (0.583 against 0.534), validation 0.533 against 0.545: not chosen (docs/demo.md)
     "epochs_4": {"epochs": 4},
     # SmolLM2's default system prompt is 21 of the ~45 text tokens of a demo question
     "no_system_prompt": {"tokenizer.default_system_prompt": "null"},
