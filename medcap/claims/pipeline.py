@@ -42,6 +42,7 @@ from medcap.demo.pipeline import (
     run_command,
 )
 from medcap.evaluation.outputs import EvalOutputs
+from medcap.models.checkpoints import epoch_checkpoints
 
 LR_GRID = (3e-4, 1e-3)  # the same grid for both variants
 
@@ -106,7 +107,7 @@ def train_variant(paths: DemoPaths, out: Path, variant: str, lr: float, plan: Pl
         overrides |= {"llm_lora_rank": LORA_RANK, "llm_lora_alpha": LORA_ALPHA}
     run_command(medcap_run("full_finetune_single_device", TRAIN_CONFIG, overrides),
                 f"train {VARIANTS[variant]} on captions only, lr {lr:g}")  # fmt: skip
-    found = sorted((out / "checkpoint").glob("meta_model_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    found = epoch_checkpoints(out / "checkpoint")
     if not found:
         raise DemoError(f"training wrote no checkpoint in {out / 'checkpoint'}")
     for older in found[:-1]:

@@ -27,6 +27,7 @@ from typing import Any
 from medcap.data.sources import HARNESS_SUFFIX
 from medcap.errors import MedcapError
 from medcap.evaluation.outputs import EvalOutputs
+from medcap.models.checkpoints import epoch_checkpoints
 from medcap.training import INITIAL_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,7 +194,7 @@ def train(paths: DemoPaths, epochs: int | None, max_steps_per_epoch: int | None)
         medcap_run("full_finetune_single_device", TRAIN_CONFIG, overrides),
         "train the small ViT + connector; SmolLM2 stays frozen",
     )
-    checkpoints = sorted(paths.checkpoints.glob("meta_model_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    checkpoints = epoch_checkpoints(paths.checkpoints)
     if not checkpoints:
         raise DemoError(f"training wrote no checkpoint in {paths.checkpoints}")
     return checkpoints[-1], seconds

@@ -42,6 +42,7 @@ from medcap.demo.pipeline import (
 )
 from medcap.demo.stats import paired_interval
 from medcap.evaluation.outputs import EvalOutputs
+from medcap.models.checkpoints import epoch_checkpoints
 from medcap.recipe_files import resolve_config
 
 # name -> overrides of the demo config (recipes/configs/smollm2/135M_demo.yaml); "config" is the
@@ -112,15 +113,10 @@ def train_candidate(paths: DemoPaths, out: Path, name: str, overrides: dict[str,
         **overrides,
     }
     run_command(medcap_run("full_finetune_single_device", TRAIN_CONFIG, args), f"train candidate {name}")
-    found = last_checkpoint(out)
-    if found is None:
+    found = epoch_checkpoints(out / "checkpoint")
+    if not found:
         raise DemoError(f"training wrote no checkpoint in {out / 'checkpoint'}")
-    return found
-
-
-def last_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoint").glob("meta_model_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
-    return found[-1] if found else None
+    return found[-1]
 
 
 def score_validation(rows: list[dict[str, str]], blind: BlindAnswerer) -> dict[str, Any]:
@@ -224,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = paths.root / "tune"
     record = work / ("tune.json" if args.split == "validation" else f"tune_{args.split}.json")
     results: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
-    validated = json.loads((work / "tune.json").read_text()) if (work / "tune.json").is_file() else {}
+    # another split asks the models validation scored (reused, not trained again)
+    validated = {} if args.split == "validation" or not (work / "tune.json").is_file() else json.loads(
+        (work / "tune.json").read_text())  # fmt: skip
     val_root = split_root(paths, work / f"{args.split}_slake", args.split)
     evals = "eval_val" if args.split == "validation" else f"eval_{args.split}"
     blind = BlindAnswerer.from_slake(paths.slake)
@@ -237,11 +235,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if reusable(results.get(run, {}), overrides, fingerprint):
             print(f"{run}: already scored (reused)")
             continue
-        trained = last_checkpoint(work / run / "train")
+        trained = epoch_checkpoints(work / run / "train" / "checkpoint")
         if run == "config" and args.config_checkpoint:
             checkpoint = args.config_checkpoint.resolve()
-        elif args.split != "validation" and trained and reusable(validated.get(run, {}), overrides, fingerprint):
-            checkpoint = trained  # the model its validation score came from, asked other questions
+        elif trained and reusable(validated.get(run, {}), overrides, fingerprint):
+            checkpoint = trained[-1]  # the model its validation score came from, asked other questions
         else:
             checkpoint = train_candidate(paths, work / run / "train", run, overrides)
         results[run] = {"overrides": overrides, "configs": fingerprint,

@@ -289,6 +289,11 @@ def expand_checkpoints(spec: Any) -> list[Path | None]:
     return paths
 
 
+def epoch_checkpoints(folder: str | Path) -> list[Path]:
+    """A training run's ``meta_model_{epoch}.pt`` files in ``folder``, in epoch order (none: [])."""
+    return sorted(Path(folder).glob("meta_model_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+
+
 def latest_checkpoint(spec: Any) -> Path | None:
     """One vision checkpoint: a file, or a glob's last match (the latest epoch); a list of more
     than one is an error (serving and single-image answers take one model)."""
